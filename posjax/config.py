@@ -11,6 +11,9 @@ from posjax.errors import ConfigError
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 ACTIVATIONS = ('gelu', 'gelu_new', 'relu', 'silu')
+# Rematerialisation of the encoder layers in the backward pass (jax.checkpoint policies; `none`: keep every
+# activation, `full`: keep only each layer's input).
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +49,15 @@ class ModelConfig:
   pooler: bool = True
   sentence_head: bool = False  # 2-way classifier on the pooled output: BERT's NSP or ALBERT's SOP
   discriminator_head: bool = False  # ELECTRA's replaced-token detection head
+  # Compute dtype; parameters stay in param_dtype (float32 master weights under bfloat16 compute), and
+  # softmax, LayerNorm statistics and losses are float32 whatever it is.
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Training-time layout: `scan_layers` runs the encoder as one nn.scan over stacked layer parameters (compile
+  # time independent of depth; posjax.models.layout converts between the two layouts), `remat_policy`
+  # recomputes layer activations in the backward pass.
+  scan_layers: bool = False
+  remat_policy: str = 'none'
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
@@ -77,6 +87,8 @@ class ModelConfig:
       raise ConfigError('model.sentence_head needs model.pooler=True (it classifies the pooled output)')
     if self.mlm_head_act and self.mlm_head_act not in ACTIVATIONS:
       raise ConfigError(f'model.mlm_head_act {self.mlm_head_act!r} is not one of {", ".join(ACTIVATIONS)}')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f'model.remat_policy {self.remat_policy!r} is not one of {", ".join(REMAT_POLICIES)}')
     if self.hidden_act not in ACTIVATIONS:
       raise ConfigError(f'model.hidden_act {self.hidden_act!r} is not one of {", ".join(ACTIVATIONS)}')
     # Validate the variant string and option names now, before any tracing, so a typo fails in one line.

@@ -13,7 +13,7 @@ from posjax.config import ModelConfig
 from posjax.convert import hf
 from posjax.convert.hf import Entry
 from posjax.errors import ConfigError
-from posjax.models import Bert
+from posjax.models import Bert, layout
 
 _POSITION_TYPES = ('absolute', 'relative_key', 'relative_key_query')
 _IGNORED = ('albert.embeddings.position_ids', 'predictions.decoder.weight', 'predictions.decoder.bias')
@@ -113,6 +113,7 @@ def import_albert(directory: str, seed: int = 0):
 def export_albert(cfg: ModelConfig, params, directory: str) -> None:
   """Writes an `AlbertForPreTraining` checkpoint that transformers loads with from_pretrained."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  cfg, params = layout.unrolled(cfg, params)  # scan_layers is a training-time layout
   hfc = config_to_hf(cfg)
   state = hf.extract(entries(cfg), jax.device_get(params))
   if cfg.attention != 'absolute':

@@ -16,7 +16,7 @@ from posjax.config import ModelConfig
 from posjax.convert import hf
 from posjax.convert.hf import Entry
 from posjax.errors import ConfigError
-from posjax.models import Bert
+from posjax.models import Bert, layout
 
 # HF position_embedding_type -> posjax attention variant.
 _POSITION_TYPES = {'absolute': 'absolute', 'relative_key': 'relative_key',
@@ -132,6 +132,7 @@ def import_bert(directory: str, seed: int = 0):
 
 def export_bert(cfg: ModelConfig, params, directory: str) -> None:
   """Writes a `BertForMaskedLM` checkpoint (config.json + model.safetensors) that transformers can load."""
+  cfg, params = layout.unrolled(cfg, params)  # scan_layers is a training-time layout
   hfc = config_to_hf(cfg)
   state = hf.extract(entries(cfg), jax.device_get(params))
   if cfg.attention != 'absolute':

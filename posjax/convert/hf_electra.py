@@ -18,7 +18,7 @@ from posjax.config import ModelConfig
 from posjax.convert import hf, hf_bert, hf_convbert
 from posjax.convert.hf import Copy, Entry
 from posjax.errors import ConfigError
-from posjax.models import Bert
+from posjax.models import Bert, layout
 from posjax.models.electra import discriminator_config, generator_config
 
 _TYPES = ('electra', 'convbert')
@@ -143,6 +143,7 @@ def export_electra(cfg: ModelConfig, params, directory: str) -> None:
   """Writes ElectraForPreTraining / ElectraForMaskedLM / ElectraModel, or ConvBertForMaskedLM / ConvBertModel
   (a ConvBERT discriminator head is written under ELECTRA's names, which transformers' ConvBertModel
   ignores)."""
+  cfg, params = layout.unrolled(cfg, params)  # scan_layers is a training-time layout
   state = hf.extract(entries(cfg), jax.device_get(params))
   if _kind(cfg) == 'convbert':
     state = hf_convbert.hf_conv_shapes(state)

@@ -9,6 +9,7 @@ differences are `ModelConfig` fields, not classes.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from posjax import layers
@@ -86,22 +87,79 @@ class Layer(nn.Module):
     return _norm(cfg, 'output_norm')(x_BxLxD + drop(y_BxLxD))
 
 
+_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'everything_saveable': jax.checkpoint_policies.everything_saveable,
+}
+
+
+def _layer_class(cfg: ModelConfig):
+  if cfg.remat_policy == 'none':
+    return Layer
+  # static_argnums counts `self`: (self, x, mask, deterministic).
+  return nn.remat(Layer, policy=_POLICIES[cfg.remat_policy], static_argnums=(3,))
+
+
+class _Block(nn.Module):
+  """The inner layers of one group (one layer unless ALBERT's inner_group_size > 1), as a scan body."""
+  config: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask_BxL):
+    cls = _layer_class(self.config)
+    for j in range(layer_groups(self.config)[2]):
+      x_BxLxD = cls(self.config, name=f'layer_{j}')(x_BxLxD, mask_BxL, self.deterministic)
+    return x_BxLxD, None
+
+
+class _Group(nn.Module):
+  """One parameter group applied `repeats` times (ALBERT shares it across num_layers / layer_groups
+  consecutive steps: a scan with broadcast parameters, so depth does not unroll)."""
+  config: ModelConfig
+  deterministic: bool
+  repeats: int
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask_BxL):
+    if self.repeats == 1:
+      return _Block(self.config, self.deterministic, name='block')(x_BxLxD, mask_BxL)
+    repeated = nn.scan(_Block, variable_broadcast='params', split_rngs={'params': False, 'dropout': True},
+                       in_axes=nn.broadcast, length=self.repeats)
+    return repeated(self.config, self.deterministic, name='block')(x_BxLxD, mask_BxL)
+
+
+def layer_groups(cfg: ModelConfig) -> tuple[int, int, int]:
+  """(distinct parameter groups G, steps per group, layers per group): (num_layers, 1, 1) for BERT, ALBERT's
+  (layer_groups, num_layers // layer_groups, inner_group_size)."""
+  if not cfg.layer_groups:
+    return cfg.num_layers, 1, 1
+  return cfg.layer_groups, cfg.num_layers // cfg.layer_groups, cfg.inner_group_size
+
+
 class Encoder(nn.Module):
   """`num_layers` layers. With `layer_groups` = G > 0 (ALBERT) only G * inner_group_size distinct layers
   exist; step i of num_layers runs group i // (num_layers / G), i.e. all of its inner layers, as HF's
-  AlbertTransformer does."""
+  AlbertTransformer does.
+
+  Parameters: `layer_{k}` per distinct layer, or with `scan_layers` one stack `layers/block/layer_{j}`
+  (j < inner_group_size) whose leaves carry a leading axis of the G groups (logical name `layers`).
+  """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxLxD, mask_BxL, deterministic: bool):
     cfg = self.config
-    if not cfg.layer_groups:
-      for i in range(cfg.num_layers):
-        x_BxLxD = Layer(cfg, name=f'layer_{i}')(x_BxLxD, mask_BxL, deterministic)
+    groups, per_group, inner = layer_groups(cfg)
+    if cfg.scan_layers:
+      scanned = nn.scan(_Group, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                        in_axes=nn.broadcast, length=groups, metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BxLxD, _ = scanned(cfg, deterministic, per_group, name='layers')(x_BxLxD, mask_BxL)
       return x_BxLxD
-    inner = cfg.inner_group_size
-    distinct = [Layer(cfg, name=f'layer_{k}') for k in range(cfg.layer_groups * inner)]
-    per_group = cfg.num_layers // cfg.layer_groups
+    cls = _layer_class(cfg)
+    distinct = [cls(cfg, name=f'layer_{k}') for k in range(groups * inner)]
     for i in range(cfg.num_layers):
       group = i // per_group
       for j in range(inner):
