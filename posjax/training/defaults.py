@@ -65,6 +65,9 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
   c.adam_b2 = 0.999
   c.adam_eps = 1e-6
   c.grad_clip_norm = 1.0
+  # Gradients accumulated over this many micro-batches of batch_size / grad_accum_steps rows per update
+  # (the same update as one batch, in less activation memory).
+  c.grad_accum_steps = 1
   # A NaN/Inf loss or gradient norm is never applied; 'stop' ends the run naming the step (the last good
   # checkpoint stays the latest), 'skip' drops that update, counts it (metric skipped_updates) and goes on.
   c.nonfinite = 'stop'
@@ -92,7 +95,13 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
       ('kernel', None),
       ('groups', None),
       ('classes', None),
+      ('layers', None),  # the stacked-layers axis of model.scan_layers
   ]
+  # Multi-host: jax.distributed.initialize (posjax/training/distributed.py). 'auto': when the coordinator is
+  # set here or in the environment (JAX_COORDINATOR_ADDRESS, a multi-task SLURM step, Open MPI); 'on':
+  # always (TPU pods: no arguments needed); 'off': never. Empty/negative fields: taken from the environment.
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize='auto', coordinator_address='', num_processes=0, process_id=-1))
   return c
 
 

@@ -23,12 +23,12 @@ from posjax.data import corpus as corpus_lib
 from posjax.data import pretrain
 from posjax.data import tokenizer as tokenizer_lib
 from posjax.errors import ConfigError, NonFiniteError
-from posjax.training import checkpoint, metrics, optimizer, preemption, sharding, steps
+from posjax.training import checkpoint, distributed, metrics, optimizer, preemption, sharding, steps
 
 
 def validate(config) -> None:
   for name in ('batch_size', 'num_train_steps', 'log_every', 'eval_every', 'eval_batches',
-               'checkpoint_every', 'keep_checkpoints'):
+               'checkpoint_every', 'keep_checkpoints', 'grad_accum_steps'):
     v = config[name]
     if not isinstance(v, int) or v <= 0:
       raise ConfigError(f'{name} must be a positive integer; got {v!r}')
@@ -54,6 +54,18 @@ def tokenizer_for(config, workdir: str, documents):
     return tokenizer_lib.load(saved)
   if config.data.tokenizer:
     tok = tokenizer_lib.load(config.data.tokenizer)
+  elif jax.process_count() > 1:
+    # WordPiece training is not deterministic across runs: process 0 trains, the others read its file from
+    # the (shared) workdir, so every host tokenises alike.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      logging.info('training a WordPiece vocabulary of %d tokens', config.data.vocab_size)
+      tokenizer_lib.save(tokenizer_lib.train_wordpiece(documents, config.data.vocab_size), workdir)
+    multihost_utils.sync_global_devices('posjax tokenizer written')
+    if not os.path.exists(saved):
+      raise ConfigError(f'{saved} (written by process 0) is not visible to process {jax.process_index()}: a '
+                        'multi-host run needs a shared workdir, or set data.tokenizer')
+    return tokenizer_lib.load(saved)
   else:
     logging.info('training a WordPiece vocabulary of %d tokens', config.data.vocab_size)
     tok = tokenizer_lib.train_wordpiece(documents, config.data.vocab_size)
@@ -121,17 +133,16 @@ def sharded_steps(config, objective, tx, lr, mesh, max_predictions: int) -> Shar
   """flax lm1b's order: abstract state -> logical specs -> mesh shardings -> jit with those shardings.
 
   Call under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`."""
-  if config.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
-    raise ConfigError(f'batch_size ({config.batch_size}) must be divisible by the data x fsdp mesh axes '
-                      f'({mesh.shape["data"] * mesh.shape["fsdp"]})')
   rules = sharding.rules(config)
+  sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh, rules)
   init = functools.partial(steps.init_state, objective, tx, config.seed, config.data.seq_len, max_predictions)
   abstract = jax.eval_shape(init)
+  sharding.check_params(abstract.params, mesh, rules)
   state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
   batch_shard = sharding.batch_sharding(mesh, config)
   train_step = jax.jit(
       functools.partial(steps.train_step, objective=objective, tx=tx, lr_schedule=lr,
-                        nonfinite=config.nonfinite),
+                        nonfinite=config.nonfinite, grad_accum_steps=config.grad_accum_steps),
       in_shardings=(state_shardings, batch_shard), out_shardings=(state_shardings, None), donate_argnums=0)
   eval_step = jax.jit(functools.partial(steps.eval_step, objective=objective),
                       in_shardings=(state_shardings.params, batch_shard))
@@ -142,6 +153,7 @@ def sharded_steps(config, objective, tx, lr, mesh, max_predictions: int) -> Shar
 def train_and_evaluate(config, workdir: str) -> dict:
   """Pretrains per `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
   validate(config)
+  distributed.initialize(config)  # before anything touches a device
   os.makedirs(workdir, exist_ok=True)
   ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': 1})  # bad model fields fail before data
   train_data, eval_data, vocab, specials = build_data(config, workdir)

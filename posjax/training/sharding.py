@@ -37,8 +37,52 @@ def make_mesh(mesh_config) -> Mesh:
 
 
 def rules(config) -> tuple[tuple[str, object], ...]:
-  return tuple((name, tuple(axis) if isinstance(axis, list) else axis)
-               for name, axis in config.logical_axis_rules)
+  """`config.logical_axis_rules` as flax wants them; a rule naming no mesh axis fails here."""
+  out = tuple((name, tuple(axis) if isinstance(axis, list) else axis)
+              for name, axis in config.logical_axis_rules)
+  for name, axis in out:
+    for a in (axis if isinstance(axis, tuple) else (axis,)):
+      if a is not None and a not in MESH_AXES:
+        raise ConfigError(f'logical_axis_rules: {name!r} -> {a!r} names an unknown mesh axis; mesh axes: '
+                          f'{", ".join(MESH_AXES)} (or None: replicated)')
+  return out
+
+
+def _axis_size(mesh: Mesh, axis) -> tuple[int, str]:
+  axes = [a for a in (axis if isinstance(axis, tuple) else (axis,)) if a is not None]
+  return math.prod(mesh.shape[a] for a in axes), ' x '.join(f'{a}={mesh.shape[a]}' for a in axes)
+
+
+def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh, rule_table) -> None:
+  """Each micro-batch must split evenly over the mesh axes the `batch` rule names."""
+  n, named = _axis_size(mesh, dict(rule_table).get('batch'))
+  if batch_size % (grad_accum_steps * n):
+    raise ConfigError(f'batch_size ({batch_size}) must be divisible by grad_accum_steps ({grad_accum_steps}) '
+                      f'x the mesh axes the batch is split over ({named or "none"}: {n}) = '
+                      f'{grad_accum_steps * n}')
+
+
+def check_params(abstract_params, mesh: Mesh, rule_table) -> None:
+  """Every sharded parameter dimension must divide evenly over its mesh axes (jax refuses uneven shards):
+  one error naming the parameter, its logical axis and both sizes, before anything compiles."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_params,
+                                               is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  for path, leaf in leaves:
+    if not isinstance(leaf, nn.LogicallyPartitioned):
+      continue
+    mesh_axes = nn.logical_to_mesh_axes(leaf.names, rule_table)
+    for size, name, axis in zip(leaf.value.shape, leaf.names, mesh_axes):
+      n, named = _axis_size(mesh, axis)
+      if size % n:
+        where = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        hint = ''
+        if name == 'heads':
+          hint = (' (the ELECTRA generator has max(1, round(num_heads x electra.generator_fraction)) heads)'
+                  if 'generator' in where else ' (model.num_heads)')
+        raise ConfigError(f'parameter {where}: its {name!r} axis has {size}{hint}, which the mesh axes '
+                          f'logical_axis_rules map it to ({named}: {n}) do not divide; change config.mesh or '
+                          f'map {name!r} to other axes')
 
 
 def batch_sharding(mesh: Mesh, config) -> NamedSharding:

@@ -37,27 +37,31 @@ class TrainState(struct.PyTreeNode):
   first_bad_step: jax.Array  # the step of the first one (-1: none); under policy 'stop' nothing updates after
 
 
-def mlm_loss(logits_BxPxV, labels_BxP, weights_BxP):
-  """Mean cross-entropy and accuracy over the masked positions (float32 whatever the compute dtype)."""
+def mlm_loss(logits_BxPxV, labels_BxP, weights_BxP, n=None):
+  """Mean cross-entropy and accuracy over the masked positions (float32 whatever the compute dtype).
+
+  `n`: the denominator; default the number of masked positions here (a micro-batch passes its whole batch's,
+  so the micro-batch losses sum to the whole batch's)."""
   logits = logits_BxPxV.astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, labels_BxP)
-  n = jnp.maximum(weights_BxP.sum(), 1.0)
+  n = jnp.maximum(weights_BxP.sum(), 1.0) if n is None else n
   loss = (xent * weights_BxP).sum() / n
   acc = ((logits.argmax(-1) == labels_BxP) * weights_BxP).sum() / n
   return loss, acc
 
 
-def classification_loss(logits_BxC, labels_B):
+def classification_loss(logits_BxC, labels_B, n=None):
   logits = logits_BxC.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels_B).mean()
-  return loss, (logits.argmax(-1) == labels_B).mean()
+  n = labels_B.shape[0] if n is None else n
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels_B).sum() / n
+  return loss, (logits.argmax(-1) == labels_B).sum() / n
 
 
-def detection_loss(logits_BxL, replaced_BxL, mask_BxL):
+def detection_loss(logits_BxL, replaced_BxL, mask_BxL, n=None):
   """ELECTRA's discriminator loss: sigmoid cross-entropy over the real tokens."""
   logits, target, w = logits_BxL.astype(jnp.float32), replaced_BxL.astype(jnp.float32), mask_BxL.astype(
       jnp.float32)
-  n = jnp.maximum(w.sum(), 1.0)
+  n = jnp.maximum(w.sum(), 1.0) if n is None else n
   loss = (optax.sigmoid_binary_cross_entropy(logits, target) * w).sum() / n
   acc = (((logits > 0) == replaced_BxL) * w).sum() / n
   return loss, acc
@@ -82,26 +86,36 @@ class Objective:
                              pos.astype(jnp.float32))['params']
     return self.model.init({'params': params_rng}, ids, mask, ids, mlm_positions_BxP=pos)['params']
 
-  def loss(self, params, batch, rng, deterministic: bool):
+  @staticmethod
+  def denominators(batch):
+    """What the losses average over, counted on a whole batch: masked positions, real tokens, rows."""
+    return {'masked': jnp.maximum(batch['weights'].sum(), 1.0),
+            'tokens': jnp.maximum(batch['mask'].sum(), 1).astype(jnp.float32),
+            'rows': jnp.asarray(batch['ids'].shape[0], jnp.float32)}
+
+  def loss(self, params, batch, rng, deterministic: bool, denominators=None):
+    """(loss, metrics). Every metric is a sum over the batch divided by a count from `denominators` (default:
+    this batch's), so with a whole batch's counts the values of its micro-batches add up to the whole's."""
+    d = denominators or self.denominators(batch)
     dropout_rng, sample_rng = jax.random.split(rng)
     rngs = {'dropout': dropout_rng, 'sample': sample_rng}
     type_ids = batch.get('type_ids', jnp.zeros_like(batch['ids']))
     if self.name == 'electra':
       out = self.model.apply({'params': params}, batch['ids'], batch['mask'], type_ids, batch['positions'],
                              batch['labels'], batch['weights'], deterministic=deterministic, rngs=rngs)
-      gen_loss, gen_acc = mlm_loss(out['mlm_logits_BxPxV'], batch['labels'], batch['weights'])
+      gen_loss, gen_acc = mlm_loss(out['mlm_logits_BxPxV'], batch['labels'], batch['weights'], d['masked'])
       disc_loss, disc_acc = detection_loss(out['discriminator_logits_BxL'], out['replaced_BxL'],
-                                           batch['mask'])
+                                           batch['mask'], d['tokens'])
       total = self.generator_weight * gen_loss + self.discriminator_weight * disc_loss
       return total, {'loss': total, 'mlm_loss': gen_loss, 'accuracy': gen_acc, 'discriminator_loss': disc_loss,
                      'discriminator_accuracy': disc_acc,
-                     'replaced_fraction': out['replaced_BxL'].sum() / jnp.maximum(batch['mask'].sum(), 1)}
+                     'replaced_fraction': out['replaced_BxL'].sum() / d['tokens']}
     out = self.model.apply({'params': params}, batch['ids'], batch['mask'], type_ids,
                            mlm_positions_BxP=batch['positions'], deterministic=deterministic, rngs=rngs)
-    loss, acc = mlm_loss(out['mlm_logits_BxLxV'], batch['labels'], batch['weights'])
+    loss, acc = mlm_loss(out['mlm_logits_BxLxV'], batch['labels'], batch['weights'], d['masked'])
     metrics = {'mlm_loss': loss, 'accuracy': acc}
     if self.name in ('mlm+nsp', 'mlm+sop'):
-      s_loss, s_acc = classification_loss(out['sentence_logits_Bx2'], batch['sentence_labels'])
+      s_loss, s_acc = classification_loss(out['sentence_logits_Bx2'], batch['sentence_labels'], d['rows'])
       loss = loss + s_loss
       metrics.update(sentence_loss=s_loss, sentence_accuracy=s_acc)
     metrics['loss'] = loss
@@ -132,14 +146,47 @@ def init_state(objective: Objective, tx: optax.GradientTransformation, seed: int
                     skipped=jnp.array(0, jnp.int32), first_bad_step=jnp.array(-1, jnp.int32))
 
 
+def micro_batches(batch, k: int):
+  """B rows -> k micro-batches of B/k (a leading axis of k). Micro-batch i takes rows i, i+k, ...: every
+  device's contiguous block of rows then holds its share of each micro-batch, so splitting moves no data."""
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, 'batch') + (None,) * (x.ndim - 2))
+  return jax.tree_util.tree_map(split, batch)
+
+
+def gradients(objective: Objective, params, batch, rng, grad_accum_steps: int = 1):
+  """((loss, metrics), grads) of the whole batch, computed over `grad_accum_steps` micro-batches in a
+  scan when > 1: the losses use the whole batch's denominators, so the sums equal the one-batch result."""
+  grad_fn = jax.value_and_grad(
+      lambda p, b, r, d: objective.loss(p, b, r, deterministic=False, denominators=d), has_aux=True)
+  if grad_accum_steps == 1:
+    return grad_fn(params, batch, rng, None)
+  denominators = objective.denominators(batch)
+  micro = micro_batches(batch, grad_accum_steps)
+
+  def add(total, i_and_batch):
+    i, b = i_and_batch
+    out = grad_fn(params, b, jax.random.fold_in(rng, i), denominators)
+    return jax.tree_util.tree_map(jnp.add, total, out), None
+
+  first = jax.tree_util.tree_map(lambda x: x[0], micro)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 jax.eval_shape(grad_fn, params, first, rng, denominators))
+  total, _ = jax.lax.scan(add, zeros, (jnp.arange(grad_accum_steps), micro))
+  return total
+
+
 def train_step(state: TrainState, batch, *, objective: Objective, tx: optax.GradientTransformation,
-               lr_schedule, nonfinite: str = 'stop'):
+               lr_schedule, nonfinite: str = 'stop', grad_accum_steps: int = 1):
   """One update. A non-finite loss or gradient norm is caught on the device, within its step: the update is
   not applied (`skipped` counts it). Under `nonfinite='stop'` the state then stays frozen at the last good
-  update so the host can stop at its next look, naming `first_bad_step`; under 'skip' training goes on."""
+  update so the host can stop at its next look, naming `first_bad_step`; under 'skip' training goes on.
+
+  Gradients are float32 (the parameters' dtype) whatever the compute dtype, and accumulate over
+  `grad_accum_steps` micro-batches."""
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.value_and_grad(lambda p: objective.loss(p, batch, rng, deterministic=False), has_aux=True)
-  (loss, metrics), grads = grad_fn(state.params)
+  (loss, metrics), grads = gradients(objective, state.params, batch, rng, grad_accum_steps)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
