@@ -82,7 +82,8 @@ def test_electra_pretrainer_stacks_both_encoders():
   stacked = layout.stack_layers(cfg, params)
   assert set(stacked['generator']['encoder']) == set(stacked['discriminator']['encoder']) == {'layers'}
   scanned = ElectraPretrainer(dataclasses.replace(cfg, scan_layers=True))
-  apply = lambda m, p: jax.jit(lambda p: m.apply({'params': p}, *args, rngs={'sample': jax.random.PRNGKey(2)}))(p)  # noqa
+  def apply(model, p):
+    return jax.jit(lambda p: model.apply({'params': p}, *args, rngs={'sample': jax.random.PRNGKey(2)}))(p)
   a, b = apply(ElectraPretrainer(cfg), params), apply(scanned, stacked)
   np.testing.assert_allclose(b['discriminator_logits_BxL'], a['discriminator_logits_BxL'], atol=2e-5)
 
