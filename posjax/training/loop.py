@@ -170,7 +170,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_step, eval_step = setup.train_step, setup.eval_step
 
     mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-    model_meta = {**mcfg.to_dict(), 'objective': config.objective}
+    # Compute dtype and remat policy leave the parameters as they are: a run may resume with others.
+    model_meta = {**{k: v for k, v in mcfg.to_dict().items() if k not in ('dtype', 'remat_policy')},
+                  'objective': config.objective}
     state, _ = checkpoint.restore_latest(
         mngr, checkpoint.abstract_with_shardings(setup.abstract_state, state_shardings), model_meta, workdir)
     if state is None:
