@@ -73,8 +73,8 @@ def task_directory(task, directory: str) -> str:
   return nested if directory and os.path.isdir(nested) else directory
 
 
-def load_data(task, config, tok):
-  """(train arrays, [(dev name, arrays)], [(test split, Examples, arrays)]) encoded to max_seq_length."""
+def read_examples(task, config):
+  """(train Examples, [(dev name, Examples)], [(test split, Examples)])."""
   source, directory = config.data.source, config.data.dir
   if source == 'tsv':
     directory = task_directory(task, directory)
@@ -92,6 +92,11 @@ def load_data(task, config, tok):
         logging.warning('%s: no %s in %s; no submission file for it', task.name, split.file, directory)
         continue
       tests.append((split, data_lib.read(task, split, source, directory, labelled=False)))
+  return train, devs, tests
+
+
+def encode_examples(task, config, tok, train, devs, tests):
+  """(train arrays, [(dev name, arrays)], [(test split, Examples, arrays)]) encoded to max_seq_length."""
   enc = lambda ex: data_lib.encode(tok, ex, config.max_seq_length)  # noqa: E731
   train_x = {**enc(train), 'labels': train.labels}
   dev_x = [(name, {**enc(ex), 'labels': ex.labels}) for name, ex in devs]
@@ -113,6 +118,20 @@ def _graft(fresh, pre, path='bert'):
     raise ConfigError(f'pretrained parameter {path} has shape {tuple(pre.shape)}, the model needs '
                       f'{tuple(fresh.shape)}')
   return np.asarray(pre, fresh.dtype)
+
+
+def init_head(shapes, stddev: float, seed: int):
+  """Fresh NumPy values for everything but the encoder (BERT's init: N(0, stddev) matrices, zero biases),
+  without compiling the model's initialiser."""
+  rng = np.random.default_rng([seed, 7])
+
+  def fresh(path, x):
+    if getattr(path[0], 'key', None) == 'bert':
+      return None
+    if getattr(path[-1], 'key', None) == 'kernel':
+      return rng.normal(0.0, stddev, x.shape).astype(x.dtype)
+    return np.zeros(x.shape, x.dtype)
+  return jax.tree_util.tree_map_with_path(fresh, shapes)
 
 
 def batch_at(train_x, step: int, batch_size: int, seed: int) -> dict:
@@ -157,6 +176,7 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
   validate(config)
   if config.init_from and os.path.abspath(config.init_from) == os.path.abspath(workdir):
     raise ConfigError('--workdir must differ from --config.init_from (fine-tuning writes its own checkpoints)')
+  examples = read_examples(task, config)  # bad files fail before any checkpoint is read
   pre = pretrained.load(config.init_from, config.tokenizer)
   cfg = encoder_config(pre.config)
   if config.hidden_dropout >= 0:
@@ -166,7 +186,7 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
     raise ConfigError(f'max_seq_length ({config.max_seq_length}) exceeds the model\'s absolute position table '
                       f'(max_position_embeddings {cfg.max_position_embeddings})')
   logging.info('fine-tuning %s on %s', pre.source, task.name)
-  train_x, dev_x, test_x = load_data(task, config, pre.tokenizer)
+  train_x, dev_x, test_x = encode_examples(task, config, pre.tokenizer, *examples)
   os.makedirs(workdir, exist_ok=True)
 
   n_train = len(train_x['ids'])
@@ -177,8 +197,9 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
 
   seq = config.max_seq_length
   ids = jnp.zeros((1, seq), jnp.int32)
-  fresh = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(config.seed), ids, ids, ids)['params'])
-  params = {**jax.device_get(fresh), 'bert': _graft(jax.device_get(fresh['bert']), pre.params)}
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids, ids)['params'])
+  params = init_head(shapes, cfg.initializer_range, config.seed)
+  params['bert'] = _graft(shapes['bert'], pre.params)
   scales = optim.layer_scales(params, cfg, config.layer_decay) if config.layer_decay < 1 else None
   tx = optim.make(config, lr, scales)
 
@@ -194,7 +215,7 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
   meta_model = {**cfg.to_dict(), 'task': task.name, 'num_labels': task.num_labels}
   state, _ = checkpoint.restore_latest(mngr, abstract, meta_model, workdir)
   if state is None:
-    state = jax.jit(init)()
+    state = jax.device_put(init(), device)
   else:
     logging.info('resumed from the checkpoint at step %d', int(state.step))
   start = int(state.step)

@@ -50,9 +50,19 @@ def load_hf(path: str, tokenizer: str = '') -> Pretrained:
   if model_type not in importers:
     raise ConfigError(f'{os.path.join(path, "config.json")}: model_type {model_type!r} cannot be fine-tuned '
                       f'here; supported: {", ".join(HF_MODEL_TYPES)}')
-  tok = _tokenizer(path, tokenizer, f'Hugging Face checkpoint')
+  tok = _tokenizer(path, tokenizer, 'Hugging Face checkpoint')
+  source = f'Hugging Face {model_type} checkpoint {path}'
+  check_vocab(hf.read_config(path).get('vocab_size'), tok, source)  # before reading any weights
   cfg, params = importers[model_type](path)
-  return Pretrained(cfg, params, tok, f'Hugging Face {model_type} checkpoint {path}')
+  return Pretrained(cfg, params, tok, source)
+
+
+def check_vocab(model_vocab, tok, source: str) -> None:
+  vocab = tok.get_vocab_size()
+  if vocab != model_vocab:
+    raise ConfigError(f'{source}: the model\'s vocabulary has {model_vocab} tokens but the tokenizer has '
+                      f'{vocab}; they must match (set --config.tokenizer to the tokenizer the model was '
+                      'pretrained with)')
 
 
 def restore_raw(workdir: str):
@@ -81,8 +91,11 @@ def jax_to_numpy(tree):
 
 
 def load_posjax(workdir: str, tokenizer: str = '') -> Pretrained:
+  tok = _tokenizer(workdir, tokenizer, 'posjax workdir')
   step, meta, params = restore_raw(workdir)
   model = dict(meta['model'])
+  source = f'posjax workdir {workdir} (step {step}, objective {model.get("objective", "mlm")})'
+  check_vocab(model.get('vocab_size'), tok, source)
   objective = model.pop('objective', 'mlm')
   cfg = ModelConfig.from_dict(model)
   run_config = meta.get('config', {})
@@ -93,10 +106,8 @@ def load_posjax(workdir: str, tokenizer: str = '') -> Pretrained:
   else:
     cfg = dataclasses.replace(cfg, mlm_head=True, pooler=True, sentence_head=objective != 'mlm')
     mlm = (cfg, params)
-  tok = _tokenizer(workdir, tokenizer, 'posjax workdir')
   seq_len = run_config.get('data', {}).get('seq_len', 0)
-  return Pretrained(cfg, params, tok, f'posjax workdir {workdir} (step {step}, objective {objective})',
-                    int(seq_len or 0), run_config, mlm)
+  return Pretrained(cfg, params, tok, source, int(seq_len or 0), run_config, mlm)
 
 
 def load(path: str, tokenizer: str = '') -> Pretrained:
@@ -113,9 +124,4 @@ def load(path: str, tokenizer: str = '') -> Pretrained:
   else:
     raise ConfigError(f'init_from {path!r} is neither a Hugging Face checkpoint (no config.json) nor a posjax '
                       'workdir (no checkpoints/)')
-  vocab = pre.tokenizer.get_vocab_size()
-  if vocab != pre.config.vocab_size:
-    raise ConfigError(f'{pre.source}: the model\'s vocabulary has {pre.config.vocab_size} tokens but the '
-                      f'tokenizer has {vocab}; they must match (set --config.tokenizer to the tokenizer the '
-                      'model was pretrained with)')
   return pre
