@@ -59,7 +59,7 @@ def mlm_scores(cfg: ModelConfig, params, batch) -> tuple[float, float, float]:
 def position_limit(cfg: ModelConfig) -> tuple[int | None, str]:
   """(the longest length the model can run at, or None for no limit; the reason)."""
   pe = registry.parse(cfg.attention).position_embedding
-  if pe is None:
+  if pe is None or pe.name == 'none':
     return None, ''
   return cfg.max_position_embeddings, (f'cannot run: the {pe.name} position embedding has '
                                        f'{cfg.max_position_embeddings} rows (max_position_embeddings)')

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from posjax.attention import registry
 from posjax.errors import ConfigError, NonFiniteError
 from posjax.finetune import data as data_lib
+from posjax.finetune import extrapolation
 from posjax.finetune import metrics as metrics_lib
 from posjax.finetune import optim, presets, pretrained
 from posjax.finetune import tasks as tasks_lib
@@ -181,8 +181,7 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
   cfg = encoder_config(pre.config)
   if config.hidden_dropout >= 0:
     cfg = dataclasses.replace(cfg, hidden_dropout=config.hidden_dropout, attention_dropout=config.hidden_dropout)
-  if registry.parse(cfg.attention).position_embedding is not None and \
-      config.max_seq_length > cfg.max_position_embeddings:
+  if extrapolation.position_limit(cfg)[0] is not None and config.max_seq_length > cfg.max_position_embeddings:
     raise ConfigError(f'max_seq_length ({config.max_seq_length}) exceeds the model\'s absolute position table '
                       f'(max_position_embeddings {cfg.max_position_embeddings})')
   logging.info('fine-tuning %s on %s', pre.source, task.name)
