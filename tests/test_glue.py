@@ -322,3 +322,71 @@ def test_pretrain_on_imdb_then_sst2_beats_majority(shared_data, tmp_path):
     acc = json.load(f)['dev']['dev']['accuracy']
   print(f'SST-2 dev accuracy {acc:.1f} (majority 50.9)')
   assert acc > 70.0, acc
+
+
+def test_layer_decay_scales_follow_depth():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from posjax.config import ModelConfig
+  from posjax.finetune import optim
+  from posjax.finetune.model import Classifier, encoder_config
+  cfg = encoder_config(ModelConfig(vocab_size=30, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=16))
+  ids = jnp.zeros((1, 4), jnp.int32)
+  shapes = nn.unbox(jax.eval_shape(Classifier(cfg, 3).init, jax.random.PRNGKey(0), ids, ids, ids)['params'])
+  s = optim.layer_scales(shapes, cfg, 0.5)
+  assert s['bert']['embeddings']['word_embeddings'] == 0.125
+  assert s['bert']['encoder']['layer_0']['attention']['query']['kernel'] == 0.25
+  assert s['bert']['encoder']['layer_1']['output']['bias'] == 0.5
+  assert s['bert']['pooler']['kernel'] == 1.0 and s['out']['kernel'] == 1.0
+  # ALBERT: one shared layer used at every depth takes the top layer's rate.
+  assert optim.depth(('bert', 'encoder', 'layer_0', 'x'), 12, layer_groups=1) == 12
+
+
+def test_all_runs_each_task_with_its_preset_and_prints_the_glue_score(tmp_path, monkeypatch, capsys):
+  seen = {}
+
+  def fake(config, workdir):  # the per-task runs are tested above; here: presets, shared fields, averaging
+    seen[config.task] = (config.num_epochs, config.init_from, config.layer_decay, workdir)
+    dev = {'mrpc': {'dev': {'f1': 90.0, 'accuracy': 80.0}},
+           'mnli': {'matched': {'accuracy': 70.0}, 'mismatched': {'accuracy': 72.0}},
+           'rte': {'dev': {'accuracy': 60.0}}, 'wnli': {'dev': {'accuracy': 50.0}}}[config.task]
+    from posjax.finetune import metrics
+    return {'task': config.task, 'dev': dev, 'score': metrics.task_score(config.task, dev)}
+  monkeypatch.setattr(finetune, 'finetune_and_evaluate', fake)
+  c = presets.finetune_config('all')
+  c.tasks, c.init_from, c.layer_decay = 'mrpc,mnli,rte,wnli', '/ckpt', 0.9
+  out = finetune.run(c, str(tmp_path))
+  assert seen['rte'][:3] == (10.0, '/ckpt', 0.9) and seen['mnli'][0] == 3.0
+  assert seen['mrpc'][3] == os.path.join(str(tmp_path), 'mrpc')
+  assert out['glue'] == pytest.approx((85.0 + 71.0 + 60.0) / 3)
+  assert out['glue_with_wnli'] == pytest.approx((85.0 + 71.0 + 60.0 + 50.0) / 4)
+  printed = capsys.readouterr().out
+  assert 'GLUE score (mean of task scores, WNLI excluded' in printed and f'{out["glue"]:.2f}' in printed
+  assert json.load(open(tmp_path / 'glue.json'))['glue'] == pytest.approx(out['glue'])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['electra', 'albert', 'convbert'])
+def test_hf_model_types_fine_tune(tmp_path, kind):
+  """ELECTRA (no pooler: ELECTRA's head), ALBERT (shared layers) and ConvBERT checkpoints fine-tune a few steps."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  common = dict(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=64)
+  model = {'electra': lambda: transformers.ElectraForPreTraining(transformers.ElectraConfig(
+               embedding_size=16, **common)),
+           'albert': lambda: transformers.AlbertForPreTraining(transformers.AlbertConfig(
+               embedding_size=16, **common)),
+           'convbert': lambda: transformers.ConvBertForMaskedLM(transformers.ConvBertConfig(
+               embedding_size=16, **common))}[kind]()
+  model.save_pretrained(tmp_path / 'hf')
+  (tmp_path / 'hf' / 'vocab.txt').write_text('\n'.join(WORDS) + '\n')
+  # The random 2-layer ConvBERT needs ~100 steps before its loss starts to fall.
+  config = micro_finetune(init_from=str(tmp_path / 'hf'), num_train_steps=200 if kind == 'convbert' else 100,
+                          checkpoint_every=1000, **{'data.dir': toy_sst2(tmp_path / 'SST-2')})
+  if kind == 'convbert':
+    config.layer_decay = 1.0
+  result = finetune.finetune_and_evaluate(config, str(tmp_path / 'ft'))
+  assert result['dev']['dev']['accuracy'] >= 80.0, result
