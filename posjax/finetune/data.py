@@ -47,8 +47,8 @@ def read_tsv(task: Task, split: Split, directory: str) -> Examples:
   quotes); every row must have the header's column count (CoLA, headerless: 4)."""
   path = os.path.join(directory, split.file)
   if not os.path.exists(path):
-    raise ConfigError(f'{task.name}: {path} does not exist (data.dir should hold GLUE\'s {task.glue_dir} '
-                      f'directory layout: {", ".join(s.file for s in _splits(task))})')
+    raise ConfigError(f'{task.name}: {path} does not exist (data.dir: GLUE\'s root holding {task.glue_dir}/, '
+                      f'or that directory itself, with {", ".join(s.file for s in _splits(task))})')
   texts = tuple([] for _ in split.text)
   labels, index = [], []
   expected = None if split.header else max(split.text + (split.label or 0,)) + 1
