@@ -1,7 +1,9 @@
-"""posjax pretraining entry point.
+"""posjax entry point: pretraining, or fine-tuning with configs/glue.py.
 
     python train.py --config=configs/bert.py:tiny --workdir=/tmp/posjax-tiny
     python train.py --config=configs/bert.py:base,absolute --workdir=DIR --config.num_train_steps=1000
+    python train.py --config=configs/glue.py:sst2 --config.init_from=/tmp/posjax-tiny \
+        --config.data.dir=GLUE_DIR --workdir=/tmp/sst2
 
 Rerunning with the same --workdir resumes from its latest checkpoint.
 """
@@ -25,10 +27,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from posjax.training import loop  # pylint: disable=g-import-not-at-top  (after flags: faster --help)
   logging.info('config:\n%s', FLAGS.config)
   try:
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if 'task' in FLAGS.config:  # configs/glue.py: fine-tuning
+      from posjax.finetune import loop as finetune  # pylint: disable=g-import-not-at-top
+      finetune.run(FLAGS.config, FLAGS.workdir)
+    else:
+      from posjax.training import loop  # pylint: disable=g-import-not-at-top  (after flags: faster --help)
+      loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -1,0 +1,175 @@
+"""Length extrapolation: MLM loss and accuracy of a pretrained model at multiples of its training length.
+
+    python -m posjax.finetune.extrapolation WORKDIR [WORKDIR ...] [--multiples=1,2,4] [--files=GLOB]
+
+Each WORKDIR is a posjax pretraining run (typically one per attention variant). The text is the run's own
+held-out documents (the same split the trainer evaluates on) or `--files`, tokenized with the run's
+tokenizer, concatenated with [SEP] between documents and cut into [CLS] chunk [SEP] rows of exactly L tokens,
+so every position up to L carries text. Masking is BERT's (15%, 80/10/10) from a seeded stream. ELECTRA and
+ConvBERT runs are scored with their generator (the part with an MLM head).
+
+Absolute position embeddings (learned or sinusoidal) have a table of `max_position_embeddings` rows: lengths
+past it get a row saying so instead of a number. Lengths past the training length but within the table use
+rows that pretraining never updated (learned) -- that is the extrapolation being measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from posjax.attention import registry
+from posjax.config import ModelConfig
+from posjax.data import corpus as corpus_lib
+from posjax.data import pretrain
+from posjax.data import tokenizer as tokenizer_lib
+from posjax.errors import ConfigError
+from posjax.finetune import pretrained
+from posjax.models import Bert
+from posjax.training import steps
+
+
+def rows_of_length(stream: np.ndarray, length: int, specials: pretrain.Specials, max_rows: int) -> np.ndarray:
+  """[CLS] chunk [SEP] rows of exactly `length` tokens cut from one token stream (at most `max_rows`)."""
+  body = length - 2
+  n = min(len(stream) // body, max_rows)
+  chunks = stream[:n * body].reshape(n, body)
+  cls = np.full((n, 1), specials.cls, np.int32)
+  sep = np.full((n, 1), specials.sep, np.int32)
+  return np.concatenate([cls, chunks, sep], axis=1).astype(np.int32)
+
+
+def mlm_scores(cfg: ModelConfig, params, batch) -> tuple[float, float, float]:
+  """(summed cross-entropy, correct predictions, predictions) over a masked batch."""
+  out = Bert(cfg).apply({'params': params}, batch['ids'], batch['mask'], mlm_positions_BxP=batch['positions'])
+  logits = out['mlm_logits_BxLxV'].astype(jnp.float32)
+  loss, acc = steps.mlm_loss(logits, batch['labels'], batch['weights'])
+  n = batch['weights'].sum()
+  return loss * n, acc * n, n
+
+
+def position_limit(cfg: ModelConfig) -> tuple[int | None, str]:
+  """(the longest length the model can run at, or None for no limit; the reason)."""
+  pe = registry.parse(cfg.attention).position_embedding
+  if pe is None or pe.name == 'none':
+    return None, ''
+  return cfg.max_position_embeddings, (f'cannot run: the {pe.name} position embedding has '
+                                       f'{cfg.max_position_embeddings} rows (max_position_embeddings)')
+
+
+def evaluate_model(cfg: ModelConfig, params, stream: np.ndarray, specials: pretrain.Specials, train_len: int,
+                   multiples=(1, 2, 4), max_tokens: int = 65536, batch_tokens: int = 4096, seed: int = 0,
+                   label: str = '') -> list[dict]:
+  """One result row per multiple of `train_len`: loss and accuracy of the MLM head on masked tokens."""
+  limit, why = position_limit(cfg)
+  score = jax.jit(functools.partial(mlm_scores, cfg))
+  rows = []
+  for m in multiples:
+    length = int(round(m * train_len))
+    row = {'model': label, 'attention': cfg.attention, 'multiple': m, 'length': length}
+    if limit is not None and length > limit:
+      rows.append({**row, 'loss': None, 'accuracy': None, 'tokens': 0, 'note': why})
+      continue
+    ids = rows_of_length(stream, length, specials, max(1, max_tokens // length))
+    if not len(ids):
+      rows.append({**row, 'loss': None, 'accuracy': None, 'tokens': 0,
+                   'note': f'the text has fewer than {length} tokens'})
+      continue
+    batch = pretrain.mask_tokens(ids, np.random.default_rng([seed, length]), specials, cfg.vocab_size)
+    per = max(1, batch_tokens // length)
+    total = np.zeros(3)
+    for s in range(0, len(ids), per):
+      part = {k: v[s:s + per] for k, v in batch.items()}
+      if len(part['ids']) < per:  # pad with zero-weight rows: one compilation per length
+        pad = per - len(part['ids'])
+        part = {k: np.concatenate([v, np.repeat(v[:1], pad, 0) * (0 if k == 'weights' else 1)]) for k, v in
+                part.items()}
+      total += np.asarray(jax.device_get(score(params, part)), np.float64)
+    note = ''
+    if limit is not None and length > train_len:
+      note = (f'positions {train_len}-{length - 1} were never seen in pretraining '
+              f'({registry.parse(cfg.attention).position_embedding.name} embedding)')
+    rows.append({**row, 'loss': total[0] / total[2], 'accuracy': total[1] / total[2], 'tokens': int(total[2]),
+                 'note': note})
+  return rows
+
+
+def held_out_text(config: dict, files: str = '') -> list[str]:
+  """The held-out documents of a run trained with `config` (its own eval split), or those of `files`."""
+  if files:
+    return corpus_lib.read_files(files).documents
+  data = config.get('data', {})
+  corpus = corpus_lib.load(data.get('files', ''), data.get('text_field', 'text'))
+  seed = config.get('seed', 0)
+  held = np.random.default_rng([seed, 3]).random(len(corpus.documents)) < data.get('eval_fraction', 0.05)
+  docs = [d for d, h in zip(corpus.documents, held) if h]
+  return docs or corpus.documents[-1:]
+
+
+def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tokens: int = 65536,
+                     seed: int = 0) -> list[dict]:
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise ConfigError(f'{workdir!r} is not a posjax pretraining workdir (no checkpoints/)')
+  pre = pretrained.load(workdir)
+  cfg, params = pre.mlm
+  if not pre.max_seq_len:
+    raise ConfigError(f'{workdir}: its checkpoint does not record data.seq_len (the training length)')
+  tok = pre.tokenizer
+  specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
+  docs = held_out_text(pre.run_config, files)
+  stream = np.concatenate([np.asarray(e.ids + [specials.sep], np.int32)
+                           for e in tok.encode_batch(docs, add_special_tokens=False)])
+  cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
+  return evaluate_model(cfg, params, stream, specials, pre.max_seq_len, multiples, max_tokens, seed=seed,
+                        label=os.path.basename(os.path.normpath(workdir)))
+
+
+def format_table(rows: list[dict]) -> str:
+  lines = ['| model | attention | length | x train | MLM loss | MLM accuracy | masked tokens | note |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    loss = f'{r["loss"]:.4f}' if r['loss'] is not None else '-'
+    acc = f'{r["accuracy"]:.4f}' if r['accuracy'] is not None else '-'
+    lines.append(f'| {r["model"]} | `{r["attention"]}` | {r["length"]} | {r["multiple"]:g} | {loss} | {acc} | '
+                 f'{r["tokens"]} | {r["note"]} |')
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('workdirs', nargs='+', help='posjax pretraining workdirs (one per attention variant)')
+  parser.add_argument('--multiples', default='1,2,4', help='lengths as multiples of the training length')
+  parser.add_argument('--files', default='', help='evaluation text (glob); default: each run\'s held-out docs')
+  parser.add_argument('--max_tokens', type=int, default=65536, help='tokens evaluated per length')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--output', default='', help='also write the rows as JSON here')
+  args = parser.parse_args(argv)
+  try:
+    multiples = [float(m) for m in args.multiples.split(',') if m.strip()]
+  except ValueError:
+    print(f'error: --multiples {args.multiples!r} must be comma-separated numbers', file=sys.stderr)
+    return 2
+  rows = []
+  try:
+    for w in args.workdirs:
+      rows.extend(evaluate_workdir(w, multiples, args.files, args.max_tokens, args.seed))
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(format_table(rows))
+  if args.output:
+    with open(args.output, 'w') as f:
+      json.dump(rows, f, indent=2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,43 @@
+"""A BERT-family encoder with a sequence classification (or regression, `num_labels` = 1) head.
+
+BERT and ALBERT classify the pooled [CLS] vector (pooler -> dropout -> linear, Devlin et al. 2019); models
+without a pooler (ELECTRA, ConvBERT) use ELECTRA's head on the [CLS] hidden state (dropout -> dense -> GELU ->
+dropout -> linear, Clark et al. 2020). Params: `bert` (the encoder's, as pretrained) and `classifier`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from posjax import layers
+from posjax.config import ModelConfig
+from posjax.models import Bert
+
+
+def encoder_config(cfg: ModelConfig) -> ModelConfig:
+  """The pretrained config without its pretraining heads (the pooler stays when the model has one)."""
+  return dataclasses.replace(cfg, mlm_head=False, sentence_head=False, discriminator_head=False)
+
+
+class Classifier(nn.Module):
+  config: ModelConfig  # an `encoder_config`
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, ids_BxL, mask_BxL, type_ids_BxL, deterministic: bool = True):
+    cfg = self.config
+    out = Bert(cfg, name='bert')(ids_BxL, mask_BxL, type_ids_BxL, deterministic=deterministic)
+    drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
+    dense = lambda n, names, name: layers.dense(  # noqa: E731
+        n, names, stddev=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    if cfg.pooler:
+      x_BxD = drop(out['pooled_BxD'])
+    else:
+      x_BxD = drop(out['hidden_BxLxD'][:, 0])
+      x_BxD = layers.activation('gelu')(dense(cfg.hidden_size, ('embed', 'embed_out'), 'dense')(x_BxD))
+      x_BxD = drop(x_BxD)
+    logits_BxC = dense(self.num_labels, ('embed_out' if not cfg.pooler else 'embed', 'classes'), 'out')(x_BxD)
+    return logits_BxC.astype(jnp.float32)
