@@ -9,11 +9,13 @@ kernels per layer and head, attention maps, and figures; `python -m posjax.analy
 
 from posjax.analysis.sentence import attention_maps, tokenize
 from posjax.analysis.invariance import diagonal_means, toeplitz_projection, translation_invariance
-from posjax.analysis.positional import (Kernel, embedding_positional_attention, kernels, position_embeddings,
-                                     positional_attention)
+from posjax.analysis.positional import (Kernel, attention_kernels, embedding_positional_attention, kernels,
+                                       position_embeddings, positional_attention)
 from posjax.analysis.checkpoints import Checkpoint, load
 from posjax.analysis.report import analyze, summary
 
-__all__ = ['attention_maps', 'tokenize', 'diagonal_means', 'toeplitz_projection', 'translation_invariance',
-           'Kernel', 'embedding_positional_attention', 'kernels', 'position_embeddings', 'positional_attention',
-           'Checkpoint', 'load', 'analyze', 'summary']
+__all__ = [
+    'attention_maps', 'tokenize', 'diagonal_means', 'toeplitz_projection', 'translation_invariance', 'Kernel',
+    'attention_kernels', 'embedding_positional_attention', 'kernels', 'position_embeddings',
+    'positional_attention', 'Checkpoint', 'load', 'analyze', 'summary',
+]

@@ -4,10 +4,13 @@ loss curves. Each function draws one figure, writes it to `path` (PNG) and retur
 from __future__ import annotations
 
 import os
+import sys
 
 import matplotlib
 
-matplotlib.use('Agg')
+# Files only, no display; but inside Jupyter keep the notebook's own (inline) backend.
+if 'ipykernel' not in sys.modules and not os.environ.get('MPLBACKEND'):
+  matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 

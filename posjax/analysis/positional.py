@@ -127,22 +127,30 @@ def dot_product_heads(cfg: ModelConfig) -> int:
   return cfg.num_heads - sum(c.takes_heads(cfg) for c in plan.heads)
 
 
+def attention_kernels(cfg: ModelConfig, attention_params, n: int) -> dict[str, Kernel]:
+  """{variant: Kernel} of the content-free score terms of one `MultiHeadAttention`'s parameters (e.g. a
+  posjax attention module inside your own model), at offsets -(n-1)..n-1."""
+  d_R = np.arange(-(n - 1), n)
+  h = dot_product_heads(cfg)
+  out = {}
+  for c in registry.parse(cfg.attention).score:
+    if c.name in _KERNELS:
+      vals, raw = _KERNELS[c.name](cfg, attention_params.get(c.name, {}), d_R, h)
+      out[c.name] = Kernel(c.name, d_R, vals, raw)
+  return out
+
+
 def kernels(cfg: ModelConfig, params, n: int) -> list[dict[str, Kernel]]:
   """Per distinct layer, {variant: Kernel} for the content-free score terms and, with absolute positions,
   the embeddings' effective kernel ('absolute' or 'sinusoidal'), at offsets -(n-1)..n-1."""
   plan = registry.parse(cfg.attention)
-  d_R = np.arange(-(n - 1), n)
-  h = dot_product_heads(cfg)
   enc = backbone(params)['encoder']
   emb = embedding_positional_attention(cfg, params, n)
   out = []
   for li, name in enumerate(layer_names(cfg)):
-    layer = {}
-    for c in plan.score:
-      if c.name in _KERNELS:
-        vals, raw = _KERNELS[c.name](cfg, enc[name]['attention'].get(c.name, {}), d_R, h)
-        layer[c.name] = Kernel(c.name, d_R, vals, raw)
+    layer = attention_kernels(cfg, enc[name]['attention'], n)
     if emb is not None:
+      d_R = np.arange(-(n - 1), n)
       layer[plan.position_embedding.name] = Kernel(
           plan.position_embedding.name, d_R, invariance.diagonal_means(emb[li]), {})
     out.append(layer)
