@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import numpy as np
 
 from posjax.analysis import invariance
@@ -35,7 +36,7 @@ KERNEL_VARIANTS = ('tisa', 'convfixed', 't5', 'alibi')  # score terms with a con
 def backbone(params) -> dict:
   """The encoder's parameters (embeddings, encoder, embedding projection) from a posjax model's params: a
   `Bert` (any heads) or an `ElectraPretrainer` (its discriminator, with the shared embeddings)."""
-  params = dict(params)
+  params = dict(nn.unbox(params))
   if 'discriminator' in params:
     params = {**params['discriminator'], 'embeddings': params['embeddings']}
   return {k: params[k] for k in ('embeddings', 'encoder', 'embedding_projection') if k in params}
@@ -132,6 +133,7 @@ def attention_kernels(cfg: ModelConfig, attention_params, n: int) -> dict[str, K
   posjax attention module inside your own model), at offsets -(n-1)..n-1."""
   d_R = np.arange(-(n - 1), n)
   h = dot_product_heads(cfg)
+  attention_params = nn.unbox(attention_params)  # straight from `init`: drop the logical-axis boxes
   out = {}
   for c in registry.parse(cfg.attention).score:
     if c.name in _KERNELS:
