@@ -7,9 +7,10 @@ Every variant is trained by the ordinary trainer (`posjax.training.loop.train_an
 config `configs/bert.py:SIZE,VARIANT` would give (built here from the same defaults, so an installed posjax
 needs no configs/ folder), in OUT/<variant>/. The first run trains the WordPiece vocabulary; the others
 reuse its tokenizer.json, and batches are a function of (seed, step), so all variants see the same token
-stream. Written to OUT: results.md and results.csv (parameters, final training loss, held-out MLM loss and
-accuracy, translation invariance of the layer-0 positional attention, wall time) and loss_curves.png (from
-each workdir's metrics.jsonl). Rerunning resumes or reuses finished runs, as the trainer does.
+stream (the offline default corpus is read once and kept in OUT/default_corpus.jsonl.gz). Written to OUT:
+results.md and results.csv (parameters, final training loss, held-out MLM loss and accuracy, translation
+invariance of the layer-0 positional attention, wall time) and loss_curves.png (from each workdir's
+metrics.jsonl). Rerunning resumes or reuses finished runs, as the trainer does.
 
 Downstream tasks and the length-extrapolation test are not built in (they live in another part of posjax
 that may not be installed); `register_evaluation(name, fn)` adds a column: fn(workdir, config) -> dict of
@@ -130,6 +131,25 @@ def _invariance(workdir: str, n: int) -> float | None:
   return None if pa is None else float(np.mean(pa[0]))
 
 
+def snapshot_default_corpus(configs, out: str) -> None:
+  """Runs on the offline default corpus read it once, from OUT/default_corpus.jsonl.gz (the same documents
+  in the same order: the trainer's held-out split and batches are unchanged), instead of re-parsing the
+  standard library once per variant."""
+  configs = [c for c in configs if not c.data.files]
+  if not configs:
+    return
+  path = os.path.abspath(os.path.join(out, 'default_corpus.jsonl.gz'))
+  if not os.path.exists(path):
+    import gzip  # pylint: disable=g-import-not-at-top
+    from posjax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+    with gzip.open(path + '.tmp', 'wt', encoding='utf-8') as f:
+      for d in corpus_lib.default_corpus().documents:
+        f.write(json.dumps({'text': d}) + '\n')
+    os.replace(path + '.tmp', path)
+  for c in configs:
+    c.data.files, c.data.text_field = path, 'text'
+
+
 COLUMNS = ('variant', 'parameters', 'steps', 'train_loss', 'eval_loss', 'eval_accuracy', 'tau_layer0',
            'seconds')
 
@@ -146,6 +166,7 @@ def run(variants: list[str], size: str, steps: int, out: str, seed: int = 0, ove
     raise ConfigError(f'--steps must be a positive integer; got {steps}')
   configs = {v: make_config(size, v, steps, seed, overrides) for v in variants}  # all errors before training
   os.makedirs(out, exist_ok=True)
+  snapshot_default_corpus(configs.values(), out)
   rows, tokenizer = [], None
   for v in variants:
     c, wd = configs[v], os.path.join(out, workdir_name(v))

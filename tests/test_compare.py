@@ -85,3 +85,5 @@ def test_cli_end_to_end(tmp_path, capsys):
     rows = list(csv.DictReader(f))
   assert float(rows[1]['tau_layer0']) == pytest.approx(1.0)  # T5's positional attention is Toeplitz
   assert float(rows[0]['eval_loss']) < 8.0
+  from posjax.data import corpus
+  assert corpus.load(str(tmp_path / 'default_corpus.jsonl.gz')).documents == corpus.default_corpus().documents
