@@ -81,7 +81,10 @@ class MultiHeadAttention(nn.Module):
     use_qk = bool(cfg.option('use_qk', True))
     scale = 1.0 / float(dh) ** 0.5
     need_dropout = cfg.attention_dropout > 0.0 and not deterministic
-    if use_qk and not need_dropout:
+    # posjax.analysis asks for the probabilities by making `intermediates` mutable; the fused kernel never
+    # forms them, so that (analysis-only) call takes the explicit path.
+    record = self.is_mutable_collection('intermediates')
+    if use_qk and not need_dropout and not record:
       # XLA's (or cuDNN's / a TPU) fused kernel; HF-style key masking via `mask`.
       ctx_BxLxHxDh = jax.nn.dot_product_attention(
           q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh,
@@ -89,9 +92,15 @@ class MultiHeadAttention(nn.Module):
           mask=mask_BxL[:, None, None, :], scale=scale)
     else:
       drop = nn.Dropout(cfg.attention_dropout)
+
+      def on_probs(p_BxHxLxL):
+        if record:
+          self.sow('intermediates', 'probs_BxHxLxL', p_BxHxLxL)
+        return drop(p_BxHxLxL, deterministic=False) if need_dropout else p_BxHxLxL
+
       ctx_BxLxHxDh = masked_softmax_attention(
           q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, bias, mask_BxL, scale=scale, use_qk=use_qk,
-          dropout=(lambda p: drop(p, deterministic=False)) if need_dropout else None)
+          dropout=on_probs if (need_dropout or record) else None)
 
     for c in plan.output:
       ctx_BxLxHxDh = ctx_BxLxHxDh + c.build(cfg, name=c.name)(v_BxLxHxDh, mask_BxL)

@@ -1,0 +1,96 @@
+"""Matplotlib figures (Agg backend: no display needed) of kernels, positional attention, attention maps and
+loss curves. Each function draws one figure, writes it to `path` (PNG) and returns the path."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import matplotlib
+
+# Files only, no display; but inside Jupyter keep the notebook's own (inline) backend.
+if 'ipykernel' not in sys.modules and not os.environ.get('MPLBACKEND'):
+  matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110, bbox_inches='tight')
+  plt.close(fig)
+  return path
+
+
+def _grid(rows: int, cols: int, size=(2.6, 2.4)):
+  fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+  return fig, axes
+
+
+def kernels(layers: list[dict], path: str, title: str = '') -> str:
+  """One panel per layer: every head's kernel k_h(d) against d = j - i, one line style per variant."""
+  fig, axes = _grid(1, max(len(layers), 1), size=(4.0, 3.0))
+  styles = ['-', '--', ':', '-.']
+  for li, (ax, layer) in enumerate(zip(axes[0], layers)):
+    for vi, (name, k) in enumerate(sorted(layer.items())):
+      for h, vals in enumerate(k.values_HxR):
+        ax.plot(k.offsets_R, vals, styles[vi % len(styles)], color=f'C{h % 10}',
+                label=f'{name} h{h}' if len(k.values_HxR) <= 8 else None)
+    ax.axvline(0, color='0.8', lw=0.8, zorder=0)
+    ax.set_title(f'layer {li}', fontsize=9)
+    ax.set_xlabel('offset d = j - i (key - query)', fontsize=8)
+    if li == 0:
+      ax.set_ylabel('added to the logit', fontsize=8)
+    if layer and li == 0:
+      ax.legend(fontsize=6, ncol=2)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return _save(fig, path)
+
+
+def heatmaps(mats_LxHxNxM: list[np.ndarray], path: str, title: str = '', labels=None, scores=None,
+             tokens: list[str] | None = None) -> str:
+  """A grid of heatmaps, rows = layers, columns = heads; `scores[l][h]` goes in the panel title."""
+  rows = len(mats_LxHxNxM)
+  cols = max(m.shape[0] for m in mats_LxHxNxM) if rows else 1
+  big = tokens is not None and len(tokens) > 12
+  fig, axes = _grid(max(rows, 1), cols, size=(3.6, 3.3) if big else (2.6, 2.4))
+  for li, m in enumerate(mats_LxHxNxM):
+    for h in range(cols):
+      ax = axes[li][h]
+      if h >= m.shape[0]:
+        ax.axis('off')
+        continue
+      ax.imshow(m[h], cmap='viridis', aspect='equal', interpolation='nearest')
+      name = labels[li] if labels else f'layer {li}'
+      t = f'{name} head {h}'
+      if scores is not None:
+        t += f'\ntau={scores[li][h]:.3f}'
+      ax.set_title(t, fontsize=7)
+      if tokens is not None:
+        ax.set_xticks(range(len(tokens)))
+        ax.set_xticklabels(tokens, rotation=90, fontsize=5)
+        ax.set_yticks(range(len(tokens)))
+        ax.set_yticklabels(tokens, fontsize=5)
+      else:
+        ax.tick_params(labelsize=6)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return _save(fig, path)
+
+
+def loss_curves(runs: dict[str, dict[str, list]], path: str, title: str = '') -> str:
+  """`runs[name]` = {'step': [...], 'loss': [...], 'eval_step': [...], 'eval_loss': [...]}: training loss
+  as lines, held-out loss as markers of the same colour."""
+  fig, ax = plt.subplots(figsize=(6.0, 4.0))
+  for i, (name, r) in enumerate(runs.items()):
+    ax.plot(r['step'], r['loss'], color=f'C{i}', label=f'{name} (train)')
+    if r.get('eval_step'):
+      ax.plot(r['eval_step'], r['eval_loss'], 'o--', color=f'C{i}', label=f'{name} (held-out)')
+  ax.set_xlabel('step')
+  ax.set_ylabel('MLM loss')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  if title:
+    ax.set_title(title, fontsize=10)
+  return _save(fig, path)
