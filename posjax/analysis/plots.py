@@ -44,7 +44,7 @@ def kernels(layers: list[dict], path: str, title: str = '') -> str:
     if layer and li == 0:
       ax.legend(fontsize=6, ncol=2)
   if title:
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.03)
   return _save(fig, path)
 
 
@@ -75,7 +75,7 @@ def heatmaps(mats_LxHxNxM: list[np.ndarray], path: str, title: str = '', labels=
       else:
         ax.tick_params(labelsize=6)
   if title:
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.03)
   return _save(fig, path)
 
 
