@@ -4,7 +4,7 @@ Logical names used across posjax (mapped to mesh axes by the trainer's `logical_
 `vocab`, `embed` (model width D), `mlp` (feed-forward width F), `heads` (H), `kv` (head width Dh),
 `pos` (position tables), `norm` (LayerNorm scale/bias), `kernel` (convolution taps), `type` (token types),
 `groups` (ConvBERT's grouped feed-forward), `embed_out` (a second model-width axis of square matrices),
-`classes` (outputs of classification heads).
+`classes` (outputs of classification heads), `layers` (the stacked-layers axis of scanned encoders).
 """
 
 from __future__ import annotations
