@@ -391,3 +391,34 @@ def test_hf_model_types_fine_tune(tmp_path, kind):
     config.layer_decay = 1.0
   result = finetune.finetune_and_evaluate(config, str(tmp_path / 'ft'))
   assert result['dev']['dev']['accuracy'] >= 80.0, result
+
+
+def test_submission_files_in_glue_format(tmp_path):
+  stsb, mnli = tasks.get('stsb'), tasks.get('mnli')
+  ex = data_lib.Examples((['a', 'b', 'c'],), None, ['7', '8', '9'])
+  path = finetune.write_submission(stsb, stsb.test[0], ex, np.array([-0.4, 2.3456, 6.0]), str(tmp_path))
+  assert os.path.basename(path) == 'STS-B.tsv'
+  assert open(path).read() == 'index\tprediction\n7\t0.000\n8\t2.346\n9\t5.000\n'
+  path = finetune.write_submission(mnli, mnli.test[1], ex, np.array([0, 1, 2]), str(tmp_path))
+  assert os.path.basename(path) == 'MNLI-mm.tsv'
+  assert open(path).read() == 'index\tprediction\n7\tcontradiction\n8\tentailment\n9\tneutral\n'
+
+
+def test_regression_objective_is_squared_error():
+  import jax
+
+  class FixedOutputs:  # stands in for the Classifier: the objective only sees its outputs
+    def apply(self, variables, ids, mask, type_ids, deterministic, rngs):
+      return variables['params']['logits']
+
+  logits = np.array([[0.5], [1.0], [4.0], [2.0]], np.float32)
+  labels = np.array([0.0, 1.5, 3.0, 5.0], np.float32)
+  batch = {'ids': None, 'mask': None, 'type_ids': None, 'labels': labels}
+  loss, m = finetune.Objective(FixedOutputs(), regression=True).loss({'logits': logits}, batch,
+                                                                      jax.random.PRNGKey(0), True)
+  assert float(loss) == pytest.approx(float(np.mean((logits[:, 0] - labels) ** 2))) and set(m) == {'loss'}
+  loss, m = finetune.Objective(FixedOutputs(), regression=False).loss(
+      {'logits': np.array([[2.0, 0.0], [0.0, 1.0]], np.float32)},
+      {**batch, 'labels': np.array([0, 0])}, jax.random.PRNGKey(0), True)
+  assert float(loss) == pytest.approx((np.log1p(np.exp(-2.0)) + np.log1p(np.exp(1.0))) / 2, rel=1e-6)
+  assert float(m['accuracy']) == 0.5
