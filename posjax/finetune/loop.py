@@ -57,14 +57,21 @@ class Objective:
   model: Classifier
   regression: bool
 
-  def loss(self, params, batch, rng, deterministic: bool):
+  @staticmethod
+  def denominators(batch):
+    return {'rows': jnp.asarray(batch['ids'].shape[0], jnp.float32)}
+
+  def loss(self, params, batch, rng, deterministic: bool, denominators=None):
+    """(loss, metrics): sums over the rows divided by the row count in `denominators` (default: this
+    batch's), so micro-batches of one batch add up to the whole batch's values (gradient accumulation)."""
+    rows = (denominators or self.denominators(batch))['rows']
     logits_BxC = self.model.apply({'params': params}, batch['ids'], batch['mask'], batch['type_ids'],
                                   deterministic=deterministic, rngs={'dropout': rng})
     if self.regression:
-      loss = jnp.mean((logits_BxC[:, 0] - batch['labels']) ** 2)
+      loss = jnp.sum((logits_BxC[:, 0] - batch['labels']) ** 2) / rows
       return loss, {'loss': loss}
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch['labels']).mean()
-    return loss, {'loss': loss, 'accuracy': (logits_BxC.argmax(-1) == batch['labels']).mean()}
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch['labels']).sum() / rows
+    return loss, {'loss': loss, 'accuracy': (logits_BxC.argmax(-1) == batch['labels']).sum() / rows}
 
 
 def task_directory(task, directory: str) -> str:
