@@ -170,3 +170,14 @@ def test_single_process_reads_the_flag_every_step():
     time.sleep(0.01)
     assert stop.requested and stop.poll(3, look=False)
   assert signal.getsignal(signal.SIGTERM) is not stop._handle  # the previous handler is back
+
+
+def test_metrics_writer_resumes_over_a_half_written_line(tmp_path):
+  from posjax.training import metrics  # pylint: disable=g-import-not-at-top
+  rows = [json.dumps({'step': s, 'time': 0.0, 'loss': 1.0 / s}) for s in (5, 10, 15)]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(rows) + '\n{"step": 20, "time": 0.0, "lo')
+  writer = metrics.Writer(str(tmp_path), resume_step=10)
+  writer.write(15, {'loss': 0.5})
+  writer.close()
+  got = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in got] == [5, 10, 15] and got[-1]['loss'] == 0.5
