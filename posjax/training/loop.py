@@ -55,8 +55,8 @@ def tokenizer_for(config, workdir: str, documents):
   if config.data.tokenizer:
     tok = tokenizer_lib.load(config.data.tokenizer)
   elif jax.process_count() > 1:
-    # WordPiece training is not deterministic across runs: process 0 trains, the others read its file from
-    # the (shared) workdir, so every host tokenises alike.
+    # Process 0 trains and the others read its file from the (shared) workdir: one vocabulary on record, which
+    # every host (and every resume) tokenises with.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
       logging.info('training a WordPiece vocabulary of %d tokens', config.data.vocab_size)
