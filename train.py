@@ -26,9 +26,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])} (flags take the form --name=value)')
   logging.info('config:\n%s', FLAGS.config)
   try:
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+      raise ConfigError(f'--workdir {FLAGS.workdir!r} is a file, not a directory')
     if 'task' in FLAGS.config:  # configs/glue.py: fine-tuning
       from posjax.finetune import loop as finetune  # pylint: disable=g-import-not-at-top
       finetune.run(FLAGS.config, FLAGS.workdir)
@@ -50,8 +52,8 @@ def check_config_args(argv):
   for a in argv[1:]:
     if a.startswith('--config='):
       path, _, arg = a.split('=', 1)[1].partition(':')
-      if not os.path.exists(path):
-        return  # config_flags reports a missing file itself
+      if not os.path.isfile(path):
+        sys.exit(f'error: --config: {path!r} is not a file (e.g. --config=configs/bert.py:tiny)')
       spec = importlib.util.spec_from_file_location('posjax_config_check', path)
       module = importlib.util.module_from_spec(spec)
       try:
@@ -74,10 +76,15 @@ def check_config_args(argv):
         walked.append(part)
 
 
+def cli(argv):
+  """What `python train.py ARGS` does with argv = ['train.py', ARGS...]; exits (SystemExit) when done."""
+  check_config_args(argv)
+  app.run(main, argv=argv)
+
+
 if __name__ == '__main__':
-  check_config_args(sys.argv)
   logging.set_verbosity(logging.INFO)
   # orbax narrates every save at INFO; keep the log readable (its warnings and errors still show).
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.converter.STANDARD_WARNING or '/orbax/' not in r.pathname)
-  app.run(main)
+  cli(sys.argv)

@@ -130,7 +130,10 @@ def read_state(directory: str) -> dict[str, np.ndarray]:
   if files:
     state = {}
     for f in files:
-      state.update(load_file(f))
+      try:
+        state.update(load_file(f))
+      except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own error kinds)
+        raise ConfigError(f'{f}: not a readable safetensors file ({type(e).__name__}: {str(e)[:160]})') from None
     return {k: v.astype(np.float32) if v.dtype.kind == 'f' else v for k, v in state.items()}
   binary = os.path.join(directory, 'pytorch_model.bin')
   if os.path.exists(binary):
@@ -139,7 +142,11 @@ def read_state(directory: str) -> dict[str, np.ndarray]:
     except ImportError:
       raise ConfigError(f'{binary}: reading .bin checkpoints needs torch; convert it to safetensors or '
                         'install torch') from None
-    state = torch.load(binary, map_location='cpu', weights_only=True)
+    try:
+      state = torch.load(binary, map_location='cpu', weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except  (a damaged file, or one holding more than tensors)
+      raise ConfigError(f'{binary}: not a readable tensors-only PyTorch checkpoint ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0][:160] if str(e) else ""})') from None
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
   raise ConfigError(f'Hugging Face checkpoint {directory!r} has no *.safetensors or pytorch_model.bin')
 

@@ -12,14 +12,16 @@ import collections
 import dataclasses
 import glob
 import gzip
-import io
 import json
 import os
 import sysconfig
+import zlib
 
 from posjax.errors import ConfigError
 
 MIN_DOC_CHARS = 40
+# Longer "documents" are a file without blank lines or a runaway record, not prose to pack: skipped, counted.
+MAX_DOC_CHARS = 1_000_000
 
 
 @dataclasses.dataclass
@@ -51,19 +53,42 @@ def default_corpus() -> Corpus:
         doc = ast.get_docstring(node)
         if doc and len(doc) >= 200:
           docs.append(doc)
-  docs, short = _clean(docs)
-  skipped['documents under 40 characters'] += short
+  docs, short, long = _clean(docs)
+  skipped[f'documents under {MIN_DOC_CHARS} characters'] += short
+  skipped[f'documents over {MAX_DOC_CHARS} characters'] += long
+  skipped = +skipped  # drop zero counts
   return Corpus(docs, 'default corpus (pydoc_data topics + stdlib docstrings)', skipped)
 
 
 def _clean(docs):
-  kept = [d.strip() for d in docs if len(d.strip()) >= MIN_DOC_CHARS]
-  return kept, len(docs) - len(kept)
+  """(documents of MIN_DOC_CHARS..MAX_DOC_CHARS characters, stripped; how many were shorter; how many longer)"""
+  stripped = [d.strip() for d in docs]
+  kept = [d for d in stripped if MIN_DOC_CHARS <= len(d) <= MAX_DOC_CHARS]
+  long = sum(len(d) > MAX_DOC_CHARS for d in stripped)
+  return kept, len(docs) - len(kept) - long, long
 
 
-def _open_text(path):
-  raw = gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
-  return io.TextIOWrapper(raw, encoding='utf-8', errors='strict')
+def _open_binary(path):
+  return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
+
+
+def _json_texts(f, text_field, skipped):
+  for raw in f:
+    if not raw.strip():
+      continue
+    try:
+      record = json.loads(raw.decode('utf-8'))
+    except UnicodeDecodeError:
+      skipped['JSON lines that are not valid UTF-8'] += 1
+      continue
+    except json.JSONDecodeError:
+      skipped['invalid JSON lines'] += 1
+      continue
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+      skipped[f'records without a string {text_field!r} field'] += 1
+      continue
+    yield text
 
 
 def read_files(patterns: str | list[str], text_field: str = 'text') -> Corpus:
@@ -85,30 +110,20 @@ def read_files(patterns: str | list[str], text_field: str = 'text') -> Corpus:
   for path in paths:
     is_json = any(path.endswith(s) for s in ('.jsonl', '.json', '.jsonl.gz', '.json.gz'))
     try:
-      with _open_text(path) as f:
+      with _open_binary(path) as f:
         if is_json:
-          for line in f:
-            if not line.strip():
-              continue
-            try:
-              record = json.loads(line)
-            except json.JSONDecodeError:
-              skipped['invalid JSON lines'] += 1
-              continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-              skipped[f'records without a string {text_field!r} field'] += 1
-              continue
+          for text in _json_texts(f, text_field, skipped):  # a damaged file keeps the records before the damage
             docs.append(text)
         else:
-          docs.extend(d for d in f.read().split('\n\n'))
+          docs.extend(f.read().decode('utf-8').replace('\r\n', '\n').replace('\r', '\n').split('\n\n'))
     except UnicodeDecodeError:
       skipped['files that are not valid UTF-8'] += 1
-    except (OSError, EOFError) as e:
-      skipped[f'unreadable files ({type(e).__name__})'] += 1
-  docs, short = _clean(docs)
-  if short:
-    skipped[f'documents under {MIN_DOC_CHARS} characters'] += short
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged .gz past its header
+      skipped[f'unreadable or cut-short files ({type(e).__name__})'] += 1
+  docs, short, long = _clean(docs)
+  skipped[f'documents under {MIN_DOC_CHARS} characters'] += short
+  skipped[f'documents over {MAX_DOC_CHARS} characters'] += long
+  skipped = +skipped  # drop zero counts
   corpus = Corpus(docs, f'{len(paths)} file(s) from {", ".join(patterns)}', skipped)
   if not docs:
     raise ConfigError(f'data.files: no usable text in {", ".join(paths)} ({corpus.summary()})')

@@ -53,7 +53,13 @@ def load_hf(path: str, tokenizer: str = '') -> Pretrained:
   tok = _tokenizer(path, tokenizer, 'Hugging Face checkpoint')
   source = f'Hugging Face {model_type} checkpoint {path}'
   check_vocab(hf.read_config(path).get('vocab_size'), tok, source)  # before reading any weights
-  cfg, params = importers[model_type](path)
+  try:
+    cfg, params = importers[model_type](path)
+  except KeyError as e:  # the importers read config.json's fields by name
+    if e.args[0] in hf.read_config(path):
+      raise
+    raise ConfigError(f'{os.path.join(path, "config.json")}: no field {e.args[0]!r}, which a {model_type} '
+                      'config needs') from None
   return Pretrained(cfg, params, tok, source)
 
 

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state plus a JSON record of the model config they belong to."""
+"""Orbax checkpoints of the train state plus a JSON record of the model config they belong to and of a checksum
+of every leaf of the state, so a checkpoint damaged after it was written is never silently resumed from."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from absl import logging
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from posjax.errors import ConfigError
@@ -18,8 +21,43 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
+def _leaf_checksum(x):
+  """sum(bits[i] * (2i+1)) mod 2^32 over the leaf's raw bits: any single flipped bit or swapped pair of
+  values changes it. Computed on the devices, so a sharded leaf is never gathered to one host."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize in (1, 2):
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}')).astype(jnp.uint32)
+  else:  # 8-byte values: two 32-bit words each
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  odd = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape) * jnp.uint32(2) + jnp.uint32(1)
+  return jnp.sum(bits * odd, dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(state):
+  return jax.tree.map(_leaf_checksum, state)
+
+
+def checksums(state) -> dict[str, int]:
+  """{leaf path: checksum} of a train state (plain arrays, as saved and restored)."""
+  sums = jax.device_get(_checksums(state))
+  return {jax.tree_util.keystr(path): int(np.asarray(v))
+          for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
+  meta = {**meta, 'checksums': checksums(state)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+
+def damaged_leaves(state, saved: dict[str, int]) -> list[str]:
+  """The leaves of a restored `state` whose checksum is not the one recorded when it was saved."""
+  now = checksums(state)
+  return sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
 
 
 def check_compatible(saved_model: dict, model: dict, workdir: str) -> None:
@@ -35,8 +73,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, model: dict, wor
   """(state, meta) from the latest readable checkpoint, or (None, None) when there is none.
 
   Orbax only finalises a checkpoint directory once it is complete, so a save cut off midway is never listed;
-  a finalised one that was damaged afterwards (truncated or deleted files) is skipped with a warning and the
-  previous one is used.
+  a finalised one that was damaged afterwards (truncated or deleted files, or flipped bits that still decode,
+  caught by the recorded checksums) is skipped with a warning and the previous one is used.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   for step in steps:
@@ -53,6 +91,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, model: dict, wor
       logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one', step,
                       workdir, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
       continue
+    if 'checksums' in meta:  # checkpoints written before checksums were recorded are taken as they are
+      bad = damaged_leaves(restored['state'], meta['checksums'])
+      if bad:
+        logging.warning('checkpoint at step %d in %s is damaged (checksum mismatch in %d leaves, e.g. %s); '
+                        'trying the previous one', step, workdir, len(bad), bad[0])
+        continue
     return restored['state'], meta
   if steps:
     raise ConfigError(f'workdir {workdir!r}: none of its checkpoints ({", ".join(map(str, steps))}) can be '

@@ -55,8 +55,8 @@ def tokenizer_for(config, workdir: str, documents):
   if config.data.tokenizer:
     tok = tokenizer_lib.load(config.data.tokenizer)
   elif jax.process_count() > 1:
-    # WordPiece training is not deterministic across runs: process 0 trains, the others read its file from
-    # the (shared) workdir, so every host tokenises alike.
+    # Process 0 trains and the others read its file from the (shared) workdir: one vocabulary on record, which
+    # every host (and every resume) tokenises with.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
       logging.info('training a WordPiece vocabulary of %d tokens', config.data.vocab_size)
@@ -230,7 +230,9 @@ def _loop(config, state, start, step_fn, evaluate, writer, progress, mngr, meta,
     pending.append(m)
     done = step + 1
     log = done % config.log_every == 0 or done == config.num_train_steps
-    save = done % config.checkpoint_every == 0 or done == config.num_train_steps or stop.requested
+    save = done % config.checkpoint_every == 0 or done == config.num_train_steps
+    stopping = stop.poll(done, look=log or save)
+    save = save or stopping
     if log or save:
       # Device->host transfers once per logging or checkpoint interval, not per step; nothing is saved
       # before the steps since the last look are known to be finite.
@@ -251,7 +253,7 @@ def _loop(config, state, start, step_fn, evaluate, writer, progress, mngr, meta,
       logging.info('step %d eval: loss %.4f, accuracy %.3f', done, ev['eval_loss'], ev['eval_accuracy'])
     if save:
       checkpoint.save(mngr, done, state, meta)
-    if stop.requested:
+    if stopping:
       mngr.wait_until_finished()
       logging.warning('SIGTERM received: wrote the checkpoint at step %d and stopped; rerun the same command to '
                       'resume', done)

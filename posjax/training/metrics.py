@@ -10,8 +10,8 @@ import jax
 
 
 class Writer:
-  """Process 0 writes; others are silent. On resume, jsonl lines beyond the restored step are dropped so the
-  file reads as one uninterrupted run."""
+  """Process 0 writes; others are silent. On resume, jsonl lines beyond the restored step (and any line a
+  SIGKILL cut short) are dropped so the file reads as one uninterrupted run."""
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self.active = jax.process_index() == 0
@@ -20,8 +20,12 @@ class Writer:
     if not self.active:
       return
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+      keep = []
+      with open(self.path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+          row = _row(line)
+          if row is not None and row['step'] <= resume_step:
+            keep.append(json.dumps(row) + '\n')
       with open(self.path, 'w') as f:
         f.writelines(keep)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -39,6 +43,15 @@ class Writer:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+
+
+def _row(line: str):
+  """A metrics line as a dict, or None for a line a killed run left half-written."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return row if isinstance(row, dict) and isinstance(row.get('step'), int) else None
 
 
 class Progress:
