@@ -1,12 +1,9 @@
-"""End-to-end pretraining: loss falls, checkpoints resume at the right step, bad input fails clearly."""
+"""End-to-end pretraining: loss falls, bad input fails clearly, non-finite policies (resume: test_preemption.py)."""
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -26,62 +23,11 @@ def test_loss_falls_and_artifacts_are_written(tmp_path):
   rows = [r for r in read_metrics(tmp_path) if 'loss' in r]
   assert [r['step'] for r in rows] == list(range(5, 61, 5))
   first, final = rows[0]['loss'], rows[-1]['loss']
-  assert final < first - 1.0, (first, final)
+  assert final < first - 0.7, (first, final)  # 60 steps of a micro model: ~6.9 -> ~5.9
   assert last['eval_loss'] < first
   for name in ('tokenizer.json', 'vocab.txt', 'tensorboard', 'checkpoints'):
     assert os.path.exists(tmp_path / name), name
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['20', '40', '60']
-
-
-def test_rerun_resumes_and_matches_uninterrupted(tmp_path):
-  """Losing the step-40 checkpoint and rerunning redoes steps 21-40 exactly as the first time."""
-  loop.train_and_evaluate(micro_config(num_train_steps=40), str(tmp_path))
-  full = read_metrics(tmp_path)
-  shutil.rmtree(tmp_path / 'checkpoints' / '40')
-  loop.train_and_evaluate(micro_config(num_train_steps=40), str(tmp_path))
-  split = read_metrics(tmp_path)
-  assert [r['step'] for r in split] == [r['step'] for r in full]
-  for a, b in zip(full, split):
-    for k in ('loss', 'eval_loss'):
-      if k in a:
-        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6), (a['step'], k)
-
-
-def test_killed_run_continues_from_last_checkpoint(tmp_path):
-  """SIGKILL a train.py process after its first checkpoint; the rerun starts at that checkpoint's step."""
-  workdir = tmp_path / 'run'
-  cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--config=configs/bert.py:tiny',
-         f'--workdir={workdir}', '--config.model.hidden_size=32', '--config.model.num_heads=2',
-         '--config.model.intermediate_size=64', '--config.model.num_layers=1', '--config.data.vocab_size=1000',
-         '--config.data.seq_len=32', '--config.batch_size=8', '--config.num_train_steps=100000',
-         '--config.checkpoint_every=10', '--config.log_every=5']
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = workdir / 'checkpoints'
-  deadline = time.time() + 240
-  try:
-    while time.time() < deadline:
-      done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
-      if len(done) >= 2:  # kill mid-run, well after a complete checkpoint
-        break
-      assert proc.poll() is None, 'training exited early'
-      time.sleep(0.2)
-    else:
-      pytest.fail('no checkpoint within 240 s')
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  saved = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
-  steps_logged = max(r['step'] for r in read_metrics(workdir))
-  target = saved + 10
-  out = subprocess.run(cmd[:-3] + [f'--config.num_train_steps={target}', '--config.checkpoint_every=10',
-                                   '--config.log_every=5'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f'resumed from the checkpoint at step {saved}' in out.stderr
-  rows = read_metrics(workdir)
-  steps = [r['step'] for r in rows if 'loss' in r]
-  assert steps == list(range(5, target + 1, 5)), (saved, steps_logged, steps)  # no gap, no duplicate
-  assert str(target) in os.listdir(ckpts)
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):
@@ -132,33 +78,6 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
   assert 'Traceback' not in out.stderr, out.stderr[-2000:]
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
-  """Preemption: SIGTERM -> checkpoint at the current step, exit 0; the rerun resumes from exactly there."""
-  workdir = tmp_path / 'run'
-  cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--config=configs/bert.py:tiny',
-         f'--workdir={workdir}', '--config.model.hidden_size=32', '--config.model.num_heads=2',
-         '--config.model.intermediate_size=64', '--config.model.num_layers=1', '--config.data.vocab_size=1000',
-         '--config.data.seq_len=32', '--config.batch_size=8', '--config.checkpoint_every=1000',
-         '--config.log_every=7']
-  proc = subprocess.Popen(cmd + ['--config.num_train_steps=100000'], cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 240
-  metrics = workdir / 'metrics.jsonl'
-  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 2):
-    assert proc.poll() is None, 'training exited early'
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
-  saved = [int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
-  assert len(saved) == 1 and saved[0] >= 14 and saved[0] % 1000, saved
-  assert f'SIGTERM received: wrote the checkpoint at step {saved[0]}' in err
-  out = subprocess.run(cmd + [f'--config.num_train_steps={saved[0] + 3}'], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f'resumed from the checkpoint at step {saved[0]}' in out.stderr
-
-
 def inject_nan_at(monkeypatch, bad_step):
   """Batches whose MLM weights are NaN at one step: the loss (and gradient) of that step is NaN."""
   from posjax.data import pretrain
@@ -190,22 +109,3 @@ def test_nan_skip_policy_skips_and_counts(tmp_path, monkeypatch):
   assert np.isnan(rows[1]['loss']) and np.isfinite(rows[-1]['loss']) and rows[-1]['loss'] < rows[0]['loss']
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
-  loop.train_and_evaluate(micro_config(num_train_steps=40), str(tmp_path))
-  full = read_metrics(tmp_path)
-  # Damage every data file of the latest checkpoint's state, as a disk fault or a partial copy would.
-  damaged = 0
-  for root, _, files in os.walk(tmp_path / 'checkpoints' / '40' / 'state'):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'r+b') as f:
-        f.truncate(max(os.path.getsize(path) // 3, 0))
-      damaged += 1
-  assert damaged
-  loop.train_and_evaluate(micro_config(num_train_steps=40), str(tmp_path))
-  assert 'checkpoint at step 40' in caplog.text and 'unreadable' in caplog.text
-  again = read_metrics(tmp_path)
-  assert [r['step'] for r in again] == [r['step'] for r in full]
-  for a, b in zip(full, again):
-    if 'loss' in a:
-      assert a['loss'] == pytest.approx(b['loss'], rel=1e-6, abs=1e-6), a['step']
