@@ -67,8 +67,9 @@ def position_limit(cfg: ModelConfig) -> tuple[int | None, str]:
 
 def evaluate_model(cfg: ModelConfig, params, stream: np.ndarray, specials: pretrain.Specials, train_len: int,
                    multiples=(1, 2, 4), max_tokens: int = 65536, batch_tokens: int = 4096, seed: int = 0,
-                   label: str = '') -> list[dict]:
-  """One result row per multiple of `train_len`: loss and accuracy of the MLM head on masked tokens."""
+                   label: str = '', vocab_size: int | None = None) -> list[dict]:
+  """One result row per multiple of `train_len`: loss and accuracy of the MLM head on masked tokens.
+  `vocab_size`: the tokenizer's, where BERT's random replacements come from (default: the model's)."""
   limit, why = position_limit(cfg)
   score = jax.jit(functools.partial(mlm_scores, cfg))
   rows = []
@@ -83,7 +84,8 @@ def evaluate_model(cfg: ModelConfig, params, stream: np.ndarray, specials: pretr
       rows.append({**row, 'loss': None, 'accuracy': None, 'tokens': 0,
                    'note': f'the text has fewer than {length} tokens'})
       continue
-    batch = pretrain.mask_tokens(ids, np.random.default_rng([seed, length]), specials, cfg.vocab_size)
+    batch = pretrain.mask_tokens(ids, np.random.default_rng([seed, length]), specials,
+                                 vocab_size or cfg.vocab_size)
     per = max(1, batch_tokens // length)
     total = np.zeros(3)
     for s in range(0, len(ids), per):
@@ -129,7 +131,7 @@ def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tok
                            for e in tok.encode_batch(docs, add_special_tokens=False)])
   cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
   return evaluate_model(cfg, params, stream, specials, pre.max_seq_len, multiples, max_tokens, seed=seed,
-                        label=os.path.basename(os.path.normpath(workdir)))
+                        label=os.path.basename(os.path.normpath(workdir)), vocab_size=tok.get_vocab_size())
 
 
 def format_table(rows: list[dict]) -> str:

@@ -64,8 +64,10 @@ def load_hf(path: str, tokenizer: str = '') -> Pretrained:
 
 
 def check_vocab(model_vocab, tok, source: str) -> None:
+  """The model's embedding table must be the tokenizer's size, or that size padded as posjax pads it."""
+  from posjax.training import loop  # pylint: disable=g-import-not-at-top
   vocab = tok.get_vocab_size()
-  if vocab != model_vocab:
+  if model_vocab not in (vocab, loop.padded_vocab(vocab)):
     raise ConfigError(f'{source}: the model\'s vocabulary has {model_vocab} tokens but the tokenizer has '
                       f'{vocab}; they must match (set --config.tokenizer to the tokenizer the model was '
                       'pretrained with)')

@@ -19,7 +19,8 @@ _HEAD_FIELDS = ('mlm_head', 'mlm_head_act', 'pooler', 'sentence_head', 'discrimi
 def model_fields(**overrides) -> ml_collections.ConfigDict:
   """Every ModelConfig field (bar the heads) with its default, then `overrides`."""
   d = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in _HEAD_FIELDS}
-  d.update(vocab_size=0, dtype='float32', param_dtype='float32')  # vocab 0: the tokenizer's size
+  # vocab 0: the tokenizer's size rounded up to a multiple of 128 (so mesh axes divide it)
+  d.update(vocab_size=0, dtype='float32', param_dtype='float32')
   d['attention_options'] = ml_collections.ConfigDict(registry.default_options())
   unknown = set(overrides) - set(d)
   if unknown:

@@ -108,10 +108,19 @@ def build_data(config, workdir: str):
           pretrain.MLMBatches(eval_x, config.batch_size, **num), vocab, specials)
 
 
+# model.vocab_size 0 follows the tokenizer, rounded up: a trained vocabulary has any size (8141, say), and the
+# embedding's vocab axis must divide by the mesh axes it is sharded over (tensor parallelism, FSDP).
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(vocab_size: int) -> int:
+  return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 def model_config(config, vocab_size: int) -> ModelConfig:
   d = config.model.to_dict()
   if d['vocab_size'] == 0:
-    d['vocab_size'] = vocab_size
+    d['vocab_size'] = padded_vocab(vocab_size)
   elif d['vocab_size'] < vocab_size:
     raise ConfigError(f'model.vocab_size ({d["vocab_size"]}) is smaller than the tokenizer\'s vocabulary '
                       f'({vocab_size}); set it to 0 to follow the tokenizer')
