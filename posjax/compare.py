@@ -12,9 +12,11 @@ results.md and results.csv (parameters, final training loss, held-out MLM loss a
 invariance of the layer-0 positional attention, wall time) and loss_curves.png (from each workdir's
 metrics.jsonl). Rerunning resumes or reuses finished runs, as the trainer does.
 
-Downstream tasks and the length-extrapolation test are not built in (they live in another part of posjax
-that may not be installed); `register_evaluation(name, fn)` adds a column: fn(workdir, config) -> dict of
-numbers, called after each variant's run.
+Optional columns: `--extrapolate 2,4` adds the held-out MLM loss at those multiples of the training length
+(`posjax.finetune.extrapolation`; absolute embeddings show `-` past their table), and `--glue TASK
+--glue_dir DIR` fine-tunes each pretrained variant on a GLUE task (or IMDB) with that task's preset and adds
+its dev score (`--glue_set FIELD=VALUE` overrides the fine-tuning config, e.g. num_train_steps=300).
+`register_evaluation(name, fn)` adds more: fn(workdir, config) -> dict of numbers, called after each run.
 """
 
 from __future__ import annotations
@@ -54,6 +56,46 @@ _EVALUATIONS: dict[str, Callable] = {}
 def register_evaluation(name: str, fn: Callable) -> None:
   """Adds columns to the table: fn(workdir, config) -> {column: number}, run after each variant trains."""
   _EVALUATIONS[name] = fn
+
+
+def extrapolation_evaluation(multiples: list[float], max_tokens: int = 16384) -> Callable:
+  """Held-out MLM loss at each multiple of the training length (None where the model cannot run it)."""
+  def evaluate(workdir, config):
+    del config
+    from posjax.finetune import extrapolation  # pylint: disable=g-import-not-at-top
+    rows = extrapolation.evaluate_workdir(workdir, multiples, max_tokens=max_tokens)
+    return {f'x{r["multiple"]:g}_loss': r['loss'] for r in rows}
+  return evaluate
+
+
+def glue_evaluation(task: str, directory: str, overrides: dict | None = None) -> Callable:
+  """Fine-tunes the variant's run on `task` (its preset, `overrides` on top) in WORKDIR/finetune_TASK and
+  returns the dev score (the task's GLUE metric; the mean of its metrics where it has two)."""
+  from posjax.finetune import presets  # pylint: disable=g-import-not-at-top
+  base = presets.finetune_config(task)  # an unknown task stops here, before any training
+  base.data.dir = directory
+  _apply(base, overrides or {}, '--glue_set')
+
+  def evaluate(workdir, config):
+    del config
+    from posjax.finetune import loop as finetune  # pylint: disable=g-import-not-at-top
+    c = base.copy_and_resolve_references()
+    c.init_from = workdir
+    return {'score': finetune.finetune_and_evaluate(c, os.path.join(workdir, f'finetune_{task}'))['score']}
+  return evaluate
+
+
+def _apply(config, overrides: dict, what: str) -> None:
+  for key, value in overrides.items():
+    node, *path = key.split('.')
+    target = config
+    for part in [node, *path][:-1]:
+      if part not in target:
+        raise ConfigError(f'{what} {key}: no field {part!r}')
+      target = target[part]
+    if key.split('.')[-1] not in target:
+      raise ConfigError(f'{what} {key}: no such field')
+    target[key.split('.')[-1]] = value
 
 
 def make_config(size: str, variant: str, steps: int, seed: int = 0, overrides: dict | None = None):
@@ -155,8 +197,9 @@ COLUMNS = ('variant', 'parameters', 'steps', 'train_loss', 'eval_loss', 'eval_ac
 
 
 def run(variants: list[str], size: str, steps: int, out: str, seed: int = 0, overrides: dict | None = None,
-        log=print) -> list[dict]:
-  """Trains each variant in OUT/<variant>/ and writes results.md, results.csv and loss_curves.png to OUT."""
+        log=print, evaluations: dict[str, Callable] | None = None) -> list[dict]:
+  """Trains each variant in OUT/<variant>/ and writes results.md, results.csv and loss_curves.png to OUT.
+  `evaluations` add columns like `register_evaluation`'s, for this call only."""
   from posjax.training import loop  # pylint: disable=g-import-not-at-top
   if not variants:
     raise ConfigError('--variants is empty; give e.g. absolute,tisa,convfixed')
@@ -185,7 +228,7 @@ def run(variants: list[str], size: str, steps: int, out: str, seed: int = 0, ove
            'eval_loss': m['eval_loss'][-1] if m['eval_loss'] else last.get('eval_loss'),
            'eval_accuracy': m['eval_accuracy'][-1] if m['eval_accuracy'] else last.get('eval_accuracy'),
            'tau_layer0': _invariance(wd, min(c.data.seq_len, 64)), 'seconds': round(seconds, 1)}
-    for name, fn in _EVALUATIONS.items():
+    for name, fn in {**_EVALUATIONS, **(evaluations or {})}.items():
       row.update({f'{name}_{k}': val for k, val in fn(wd, c).items()})
     rows.append(row)
     log(f'[compare] {v}: held-out MLM loss {row["eval_loss"]:.4f}, accuracy {row["eval_accuracy"]:.3f} '
@@ -245,6 +288,12 @@ def main(argv=None) -> int:
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                   help='config override for every variant, e.g. --set data.seq_len=64 (repeatable)')
+  ap.add_argument('--extrapolate', default='', metavar='M1,M2',
+                  help='add held-out MLM loss at these multiples of the training length, e.g. 2,4')
+  ap.add_argument('--glue', default='', metavar='TASK', help='fine-tune each variant on this task, add its score')
+  ap.add_argument('--glue_dir', default='', help='GLUE root (CoLA/, SST-2/, ...) or the task\'s directory')
+  ap.add_argument('--glue_set', action='append', default=[], metavar='FIELD=VALUE',
+                  help='fine-tuning config override, e.g. --glue_set num_train_steps=300 (repeatable)')
   ap.add_argument('--quick', action='store_true',
                   help='tiny model, seq 64, 200 steps: under 10 minutes on 2 CPU cores for 3 variants')
   args = ap.parse_args(argv)
@@ -254,7 +303,18 @@ def main(argv=None) -> int:
     variants = [v.strip() for v in (args.variants or (QUICK['variants'] if args.quick else '')).split(',')
                 if v.strip()]
     steps = args.steps or (QUICK['steps'] if args.quick else 600)
-    run(variants, args.size or 'tiny', steps, args.out, args.seed, overrides)
+    evaluations = {}
+    if args.extrapolate:
+      try:
+        multiples = [float(m) for m in args.extrapolate.split(',') if m.strip()]
+      except ValueError:
+        raise ConfigError(f'--extrapolate {args.extrapolate!r} must be comma-separated numbers, e.g. 2,4') from None
+      evaluations['extrapolation'] = extrapolation_evaluation([1.0] + multiples)
+    if args.glue:
+      if not args.glue_dir:
+        raise ConfigError('--glue needs --glue_dir: GLUE\'s root or the task\'s directory of TSV files')
+      evaluations[args.glue] = glue_evaluation(args.glue, args.glue_dir, _parse_set(args.glue_set))
+    run(variants, args.size or 'tiny', steps, args.out, args.seed, overrides, evaluations=evaluations)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -32,6 +32,10 @@ def test_sizes_and_config_match_configs_bert():
     (['--variants', 'tisa', '--steps', '2', '--set', 'data.seq_lenn=3'], "unknown config field 'seq_lenn'"),
     (['--variants', 'tisa', '--steps', '2', '--set', 'batch_size'], 'write FIELD=VALUE'),
     (['--steps', '2'], '--variants is empty'),
+    (['--variants', 'tisa', '--extrapolate', '2,x'], '--extrapolate'),
+    (['--variants', 'tisa', '--glue', 'sst3', '--glue_dir', '.'], 'sst3'),
+    (['--variants', 'tisa', '--glue', 'sst2'], '--glue needs --glue_dir'),
+    (['--variants', 'tisa', '--glue', 'sst2', '--glue_dir', '.', '--glue_set', 'num_stepz=3'], 'num_stepz'),
 ])
 def test_bad_arguments_stop_before_training(tmp_path, capsys, argv, message):
   assert compare.main(argv + ['--out', str(tmp_path / 'o')]) == 2
@@ -87,3 +91,18 @@ def test_cli_end_to_end(tmp_path, capsys):
   assert float(rows[0]['eval_loss']) < 8.0
   from posjax.data import corpus
   assert corpus.load(str(tmp_path / 'default_corpus.jsonl.gz')).documents == corpus.default_corpus().documents
+
+
+@pytest.mark.slow
+def test_cli_with_extrapolation_and_sst2_columns(tmp_path, capsys, shared_data):
+  """The papers' table shape: pretraining loss, loss at 2x the training length, SST-2 dev accuracy."""
+  assert compare.main(['--variants', 'absolute,alibi', '--size', 'micro', '--steps', '20', '--extrapolate', '2',
+                       '--glue', 'sst2', '--glue_dir', os.path.join(shared_data, 'sst2'),
+                       '--glue_set', 'num_train_steps=20', '--glue_set', 'max_seq_length=32',
+                       '--glue_set', 'data.max_train_examples=640', '--out', str(tmp_path)]) == 0
+  with open(tmp_path / 'results.csv') as f:
+    rows = {r['variant']: r for r in csv.DictReader(f)}
+  assert float(rows['alibi']['extrapolation_x2_loss']) > 0
+  assert 30 < float(rows['alibi']['sst2_score']) <= 100  # accuracy in percent, as GLUE reports it
+  assert float(rows['absolute']['extrapolation_x1_loss']) > 0
+  assert 'extrapolation_x2_loss' in capsys.readouterr().out

@@ -93,6 +93,19 @@ def test_convbert_model_and_generator(tmp_path, groups):
                              atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize('bare', ['electra', 'convbert'])
+def test_bare_base_models_import(tmp_path, bare):
+  """ElectraModel / ConvBertModel.save_pretrained write keys without the `electra.`/`convbert.` prefix."""
+  model = (transformers.ElectraModel(electra_config()) if bare == 'electra'
+           else transformers.ConvBertModel(convbert_config()))
+  model = perturb(model, 5)
+  model.save_pretrained(tmp_path / 'in')
+  cfg, params = hf_electra.import_electra(str(tmp_path / 'in'))
+  assert not cfg.mlm_head and not cfg.discriminator_head
+  np.testing.assert_allclose(run_ours(cfg, params)['hidden_BxLxD'], run_hf(model).last_hidden_state.numpy(),
+                             atol=TOL, rtol=0)
+
+
 def test_convbert_discriminator_head(tmp_path):
   """ConvBertModel + ELECTRA's discriminator head (ConvBERT is pretrained as an ELECTRA discriminator)."""
   from transformers.models.electra.modeling_electra import ElectraDiscriminatorPredictions

@@ -98,6 +98,10 @@ def import_electra(directory: str, seed: int = 0):
   present (discriminator, generator MLM head, or none)."""
   hfc = hf.read_config(directory)
   state = hf.read_state(directory)
+  prefix = f'{hfc.get("model_type")}.'
+  if not any(k.startswith(prefix) for k in state):
+    # A bare ElectraModel / ConvBertModel saves its weights without the base-model prefix.
+    state = {prefix + k: v for k, v in state.items()}
   cfg = config_from_hf(hfc, _heads_of(state))
   word = f'{hfc["model_type"]}.embeddings.word_embeddings.weight'
   if 'generator_lm_head.weight' in state and word in state and not np.array_equal(

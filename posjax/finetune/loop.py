@@ -59,7 +59,7 @@ class Objective:
 
   @staticmethod
   def denominators(batch):
-    return {'rows': jnp.asarray(batch['ids'].shape[0], jnp.float32)}
+    return {'rows': jnp.asarray(len(batch['labels']), jnp.float32)}
 
   def loss(self, params, batch, rng, deterministic: bool, denominators=None):
     """(loss, metrics): sums over the rows divided by the row count in `denominators` (default: this
