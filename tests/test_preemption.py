@@ -102,10 +102,11 @@ def kill_term_resume_matches_uninterrupted(tmp_path, steps, checkpoint_every, ex
   assert code == -signal.SIGKILL
   # Orbax finalises a checkpoint only once it is fully written: a kill during the save leaves the previous one.
   saved = max((int(d) for d in os.listdir(split / 'checkpoints') if d.isdigit()), default=0)
-  term_at = rng.randrange(max(saved, kill_at) + 1, steps - 5)
+  term_at = rng.randrange(max(saved, kill_at) + 1, steps - 40)  # margin: the signal must land before the end
   code, err = run_until(cmd, env, split, term_at, signal.SIGTERM)
   assert code == 0, err[-3000:]
   assert (f'resumed from the checkpoint at step {saved}' if saved else 'initialised') in err
+  assert 'SIGTERM received: wrote the checkpoint at step ' in err, f'seed {seed}: {err[-2000:]}'
   stopped = int(err.split('SIGTERM received: wrote the checkpoint at step ')[1].split()[0])
   assert term_at <= stopped < steps, (seed, term_at, stopped)
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
