@@ -49,12 +49,18 @@ def logged_steps(workdir):
   return max(steps, default=0)
 
 
-def run_until(cmd, env, workdir, at_step, sig, timeout=300):
-  """Starts `cmd`, sends `sig` once metrics.jsonl shows step `at_step`; returns (returncode, stderr)."""
+def finalised_steps(workdir):
+  ckpts = os.path.join(workdir, 'checkpoints')
+  return [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+
+
+def run_until(cmd, env, workdir, at_step, sig, timeout=300, after_a_checkpoint=False):
+  """Starts `cmd`, sends `sig` once metrics.jsonl shows step `at_step` (and, if asked, once a checkpoint is
+  finalised); returns (returncode, stderr)."""
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + timeout
   try:
-    while logged_steps(workdir) < at_step:
+    while logged_steps(workdir) < at_step or (after_a_checkpoint and not finalised_steps(workdir)):
       assert proc.poll() is None, f'training ended before step {at_step}: {proc.stderr.read()[-3000:]}'
       assert time.time() < deadline, f'no step {at_step} within {timeout} s'
       time.sleep(0.005)
@@ -98,14 +104,16 @@ def kill_term_resume_matches_uninterrupted(tmp_path, steps, checkpoint_every, ex
 
   cmd = train_cmd(split, steps, checkpoint_every, extra)
   kill_at = rng.randrange(checkpoint_every + 1, steps // 2)
-  code, _ = run_until(cmd, env, split, kill_at, signal.SIGKILL)
+  code, _ = run_until(cmd, env, split, kill_at, signal.SIGKILL, after_a_checkpoint=True)
   assert code == -signal.SIGKILL
-  # Orbax finalises a checkpoint only once it is fully written: a kill during the save leaves the previous one.
-  saved = max((int(d) for d in os.listdir(split / 'checkpoints') if d.isdigit()), default=0)
-  term_at = rng.randrange(max(saved, kill_at) + 1, steps - 5)
+  # Orbax finalises a checkpoint only once it is fully written: a kill during a save leaves the previous one.
+  saved = max(finalised_steps(split))
+  kill_at = max(kill_at, logged_steps(split))
+  term_at = rng.randrange(min(kill_at, steps - 41) + 1, steps - 40)  # margin: it must land before the end
   code, err = run_until(cmd, env, split, term_at, signal.SIGTERM)
   assert code == 0, err[-3000:]
-  assert (f'resumed from the checkpoint at step {saved}' if saved else 'initialised') in err
+  assert f'resumed from the checkpoint at step {saved}' in err
+  assert 'SIGTERM received: wrote the checkpoint at step ' in err, f'seed {seed}: {err[-2000:]}'
   stopped = int(err.split('SIGTERM received: wrote the checkpoint at step ')[1].split()[0])
   assert term_at <= stopped < steps, (seed, term_at, stopped)
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -171,12 +179,13 @@ def test_a_look_step_syncs_and_own_signal_counts(monkeypatch):
 
 
 def test_single_process_reads_the_flag_every_step():
+  previous = signal.getsignal(signal.SIGTERM)
   with preemption.StopRequest() as stop:
     assert not stop.poll(3, look=False)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.01)
     assert stop.requested and stop.poll(3, look=False)
-  assert signal.getsignal(signal.SIGTERM) is not stop._handle  # the previous handler is back
+  assert signal.getsignal(signal.SIGTERM) == previous  # the previous handler is back
 
 
 def test_metrics_writer_resumes_over_a_half_written_line(tmp_path):

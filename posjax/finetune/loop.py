@@ -247,7 +247,9 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
       state, m = train_step(state, batch_at(train_x, step, config.batch_size, config.seed))
       pending.append(m)
       done = step + 1
-      save = done % config.checkpoint_every == 0 or done == total or stop.requested
+      save = done % config.checkpoint_every == 0 or done == total
+      stopping = stop.poll(done, look=done % config.log_every == 0 or save)  # the flag, read once
+      save = save or stopping
       if done % config.log_every == 0 or save:
         ms = jax.device_get(pending)
         pending = []
@@ -264,7 +266,7 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
         logging.info('step %d dev: %s', done, ev)
       if save:
         checkpoint.save(mngr, done, state, meta)
-      if stop.requested:
+      if stopping:
         mngr.wait_until_finished()
         logging.warning('SIGTERM received: wrote the checkpoint at step %d and stopped', done)
         mngr.close()
