@@ -92,9 +92,11 @@ def numpy_relative_term(q, k, table, m, with_key, scaled):
 
 
 @pytest.mark.parametrize('name', RELATIVE)
-@pytest.mark.parametrize('m,l,scaled', [(3, 7, True), (1, 4, False), (9, 6, True), (2, 1, False)])
-def test_relative_term_clips_like_shaw(name, m, l, scaled):
-  cfg = config(name, max_relative_position=m, relative_scaled=scaled)
+@pytest.mark.parametrize('m,l,scaled,block', [(3, 7, True, 64), (1, 4, False, 64), (9, 6, True, 64),
+                                              (2, 1, False, 64), (9, 7, True, 3), (4, 6, False, 1),
+                                              (9, 6, True, 2), (40, 13, True, 4)])
+def test_relative_term_clips_like_shaw(name, m, l, scaled, block):
+  cfg = config(name, max_relative_position=m, relative_scaled=scaled, relative_block=block)
   rng = np.random.default_rng(m * 10 + l)
   q, k = (rng.normal(size=(2, l, 4, 8)).astype(np.float32) for _ in range(2))
   mask = np.ones((2, l), bool)
@@ -130,7 +132,7 @@ def test_relative_never_builds_a_BxHxLxLxDh_tensor(name):
   loss = lambda p: mha.apply({'params': p}, x, mask).sum()  # noqa: E731
   closed = jax.make_jaxpr(jax.value_and_grad(loss))(params)
   shapes = [tuple(a.shape) for a in _avals(closed.jaxpr) if hasattr(a, 'shape')]
-  assert any(s == (b, h, l, 2 * l - 1) for s in shapes)  # the q.r product over the 2L-1 distances
+  assert any(s == (b, h, 1, l, 2 * l - 1) for s in shapes)  # one block: q.r over the 2L-1 distances
   # (dot_product_attention's own 5-D reshapes for grouped heads are BxLxHx1xL, far smaller.)
   assert max(math.prod(s) for s in shapes) < b * h * l * l * dh
 

@@ -8,8 +8,10 @@ r_{i-j}, with M = `max_relative_position`. Distances beyond +-(M-1) use the edge
 clipping; HF never sees them because it caps L at M). With `relative_scaled` (BERT) the term is divided by
 sqrt(Dh) like q.k, since HF BERT adds it before scaling; without it (HF ALBERT) it is added unscaled.
 
-Only the 2L-1 distances a length-L sequence has are looked up: q (and k) meet them in a BxHxLx(2L-1)
-product, which a skew (pad-free reshape) turns into the BxHxLxL term, never building BxHxLxLxDh.
+Only the distances a length-L sequence has are looked up: q (and k) meet them in a product over distances
+that a skew (pad-free reshape) turns into the BxHxLxL term, never building BxHxLxLxDh. Queries go in blocks
+of `relative_block` rows: a block of b queries needs only b+L-1 of the 2L-1 distances, which cuts the extra
+matmul work from ~2x to ~(b+L)/L x that of q.k (at L=512, b=64: 44% fewer FLOPs than one block).
 """
 
 from __future__ import annotations
@@ -23,17 +25,33 @@ from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
 
-def skew(s_BxHxLxR):
-  """out[..., i, j] = s[..., i, (L-1) - i + j] for s of width R = 2L-1, by the Transformer-XL reshape.
+def skew(s_xBxR, width: int | None = None):
+  """out[..., i, j] = s[..., i, (b-1) - i + j] for b rows of width R, j < `width` (default: b), by the
+  Transformer-XL reshape; needs width <= R - b + 1.
 
-  Row i of the flattened array starts at i*(2L-1); dropping the first L-1 entries and re-reading rows of
-  width 2L-2 moves row i's start to offset (L-1) - i within it, which is where column j = 0 lives.
+  Row i of the flattened array starts at i*R; dropping the first b-1 entries and re-reading rows of width
+  R-1 moves row i's start to offset (b-1) - i within it, which is where column j = 0 lives.
   """
-  *batch, l, r = s_BxHxLxR.shape
-  if l == 1:
-    return s_BxHxLxR
-  flat = s_BxHxLxR.reshape(*batch, l * r)[..., l - 1: l - 1 + l * (r - 1)]
-  return flat.reshape(*batch, l, r - 1)[..., :l]
+  *batch, b, r = s_xBxR.shape
+  width = b if width is None else width
+  if b == 1:
+    return s_xBxR[..., :width]
+  flat = s_xBxR.reshape(*batch, b * r)[..., b - 1: b - 1 + b * (r - 1)]
+  return flat.reshape(*batch, b, r - 1)[..., :width]
+
+
+def relative_scores(x_BxLxHxDh, table_RxDh, m: int, block: int):
+  """s[b, h, i, j] = x_i . r_{i-j} (r clipped to distances +-(m-1)), BxHxLxL, in blocks of `block` rows."""
+  bsz, l, h, dh = x_BxLxHxDh.shape
+  blk = max(1, min(block, l))
+  n = -(-l // blk)
+  x = jnp.pad(x_BxLxHxDh, ((0, 0), (0, n * blk - l), (0, 0), (0, 0))).reshape(bsz, n, blk, h, dh)
+  # Block k holds queries i = k*blk + i'; it needs distances from k*blk + blk-1 down to k*blk - (l-1).
+  dist_NxR = (jnp.arange(n)[:, None] * blk + blk - 1) - jnp.arange(blk + l - 1)[None, :]
+  r_NxRxDh = jnp.asarray(table_RxDh, x.dtype)[jnp.clip(dist_NxR, -(m - 1), m - 1) + m - 1]
+  s_BxHxNxbxR = jnp.einsum('bnihd,nrd->bhnir', x, r_NxRxDh)
+  out = skew(s_BxHxNxbxR, l)  # BxHxNxbxL
+  return out.reshape(bsz, h, n * blk, l)[:, :, :l]
 
 
 class RelativePosition(nn.Module):
@@ -55,14 +73,14 @@ class RelativePosition(nn.Module):
     l, dh = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[3]
     table_RxDh = self.param('distance_embedding', layers.init(cfg.initializer_range, ('pos', 'kv')),
                             (2 * m - 1, dh), cfg.param_dtype)
-    # The distances i - j of a length-L sequence, from L-1 down to -(L-1): skew wants that order for q.
-    dist_R = jnp.arange(l - 1, -l, -1)
-    r_RxDh = jnp.asarray(table_RxDh, cfg.dtype)[jnp.clip(dist_R, -(m - 1), m - 1) + m - 1]
-    term_BxHxLxL = skew(jnp.einsum('bihd,rd->bhir', q_BxLxHxDh, r_RxDh))
+    block = cfg.option('relative_block')
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+      raise ConfigError(f'relative_block must be a positive integer (query rows per block); got {block!r}')
+    table_RxDh = jnp.asarray(table_RxDh, cfg.dtype)
+    term_BxHxLxL = relative_scores(q_BxLxHxDh, table_RxDh, m, block)
     if self.with_key:
-      # k_j . r_{i-j}: indexed by key j first, distance -(i - j) in the same order is r reversed; transpose.
-      kr_BxHxLxR = jnp.einsum('bjhd,rd->bhjr', k_BxLxHxDh, r_RxDh[::-1])
-      term_BxHxLxL = term_BxHxLxL + jnp.swapaxes(skew(kr_BxHxLxR), -1, -2)
+      # k_j . r_{i-j} is, indexed by key j first, k_j . r'_{j-i} with r'_d = r_{-d}: the table reversed.
+      term_BxHxLxL = term_BxHxLxL + jnp.swapaxes(relative_scores(k_BxLxHxDh, table_RxDh[::-1], m, block), -1, -2)
     if scaled:
       term_BxHxLxL = term_BxHxLxL / jnp.sqrt(jnp.asarray(dh, term_BxHxLxL.dtype))
     return term_BxHxLxL
@@ -71,6 +89,7 @@ class RelativePosition(nn.Module):
 _OPTIONS = (
     ('max_relative_position', 512),  # M: the table covers distances -(M-1)..M-1 (HF: max_position_embeddings)
     ('relative_scaled', True),  # True: HF BERT (term / sqrt(Dh)); False: HF ALBERT (term unscaled)
+    ('relative_block', 64),  # query rows per block of the q.r product (speed only; results are identical)
 )
 
 registry.register(registry.Component(
