@@ -106,7 +106,8 @@ def test_read_files_skips_and_counts_bad_records(tmp_path):
   assert c.skipped['invalid JSON lines'] == 1
   assert c.skipped["records without a string 'text' field"] == 1
   assert c.skipped['documents under 40 characters'] == 2
-  assert c.skipped['files that are not valid UTF-8'] == 1
+  assert c.skipped['lines that are not valid UTF-8'] == 1
+  assert c.skipped['files without a usable document'] == 1
   assert 'skipped' in c.summary()
 
 

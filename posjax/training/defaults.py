@@ -36,8 +36,16 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
   c.model = model
 
   c.data = ml_collections.ConfigDict(dict(
-      files='',  # glob pattern(s), comma-separated; empty: the offline default corpus
-      text_field='text',  # the text field of JSON-lines records
+      # Where documents come from (posjax/data/sources.py), always through a prepared tfds dataset in
+      # data_dir: 'default' (the offline default corpus, or data.files when set), 'files' (data.files) or
+      # 'tfds' (the catalog dataset tfds_name, its split tfds_split and text feature text_feature).
+      source='default',
+      files='',  # glob pattern(s), comma-separated, of .txt / .jsonl / .tsv files, gzip or not
+      text_field='text',  # the text field of JSON-lines records, the text column of TSV files
+      tfds_name='',  # e.g. 'imdb_reviews', 'wikipedia/20230601.en'; prepared beforehand, never downloaded
+      tfds_split='train',
+      text_feature='text',
+      data_dir='',  # tfds data dir; empty: $TFDS_DATA_DIR, else WORKDIR/tensorflow_datasets
       tokenizer='',  # tokenizer.json / vocab.txt / HF directory; empty: train WordPiece, saved in workdir
       vocab_size=8192 if small else 30522,  # size of a newly trained WordPiece vocabulary
       seq_len=128,

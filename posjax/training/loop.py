@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from posjax.config import ModelConfig
-from posjax.data import corpus as corpus_lib
 from posjax.data import pretrain
+from posjax.data import sources
 from posjax.data import tokenizer as tokenizer_lib
 from posjax.errors import ConfigError, NonFiniteError
 from posjax.training import checkpoint, distributed, metrics, optimizer, preemption, sharding, steps
@@ -76,7 +76,7 @@ def tokenizer_for(config, workdir: str, documents):
 
 def build_data(config, workdir: str):
   """(train MLMBatches, eval MLMBatches, vocab size, specials), logging the corpus statistics."""
-  corpus = corpus_lib.load(config.data.files, config.data.text_field)
+  corpus = sources.load(config.data, workdir)
   logging.info('%s', corpus.summary())
   held_out = np.random.default_rng([config.seed, 3]).random(len(corpus.documents)) < config.data.eval_fraction
   if held_out.all() or not held_out.any():  # tiny corpora: keep at least one document on each side
