@@ -6,6 +6,7 @@ import os
 
 from absl import logging
 import flax.linen as nn
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -18,8 +19,17 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
+# The key of `meta` that holds the grain iterator of the training data: saved as its own item 'data' (each
+# process's iterator state), not as JSON metadata.
+DATA_ITERATOR = 'data_iterator'
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  meta = dict(meta)
+  items = dict(state=ocp.args.StandardSave(state))
+  if meta.get(DATA_ITERATOR) is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(meta.pop(DATA_ITERATOR))
+  mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
 
 
 def check_compatible(saved_model: dict, model: dict, workdir: str) -> None:
@@ -31,8 +41,9 @@ def check_compatible(saved_model: dict, model: dict, workdir: str) -> None:
                       'workdir or the same config')
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, model: dict, workdir: str):
-  """(state, meta) from the latest readable checkpoint, or (None, None) when there is none.
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, model: dict, workdir: str, data=None):
+  """(state, meta) from the latest readable checkpoint, or (None, None) when there is none; `data`, a grain
+  iterator, is set to the state saved with it.
 
   Orbax only finalises a checkpoint directory once it is complete, so a save cut off midway is never listed;
   a finalised one that was damaged afterwards (truncated or deleted files) is skipped with a warning and the
@@ -48,7 +59,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, model: dict, wor
       continue
     check_compatible(meta['model'], model, workdir)
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      items = dict(state=ocp.args.StandardRestore(abstract_state))
+      if data is not None and os.path.isdir(os.path.join(mngr.directory, str(step), 'data')):
+        items['data'] = grain.checkpoint.CheckpointRestore(data)
+      elif data is not None:
+        logging.warning('the checkpoint at step %d holds no data iterator state; the data starts afresh', step)
+      restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one', step,
                       workdir, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')

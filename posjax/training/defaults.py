@@ -52,6 +52,8 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
       mask_prob=0.15,
       max_predictions=0,  # masked positions per sequence the MLM head runs on; 0: ceil(seq_len * mask_prob)
       eval_fraction=0.05,  # share of documents held out for evaluation
+      whole_word_masking=False,  # mask all tokens of a word together (BERT's whole-word-masking models)
+      worker_count=0,  # grain worker processes masking and batching; 0: in the training process
   ))
 
   # ELECTRA replaced-token detection (objective 'electra'): the generator is the discriminator scaled by
