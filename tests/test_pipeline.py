@@ -154,3 +154,16 @@ def test_pretraining_on_a_catalog_dataset_prepared_from_local_files(tmp_path):
       'data.source': 'tfds', 'data.tfds_name': 'tiny_reviews', 'data.data_dir': str(tmp_path / 'tfds')})
   last = loop.train_and_evaluate(c, str(tmp_path / 'run'))
   assert np.isfinite(last['loss']) and np.isfinite(last['eval_loss'])
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume():
+  ds = pipeline.train_dataset(fields(), 8, seed=2, masking=MASKING, shard=grain.sharding.NoSharding())
+  it = pipeline.iterator(ds, worker_count=2)
+  take(it, 5)
+  state = it.get_state()
+  later = take(it, 6)
+  assert_same(later, [ds[s] for s in range(5, 11)])
+  again = pipeline.iterator(ds, worker_count=2)
+  again.set_state(state)
+  assert_same(take(again, 6), later)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -127,6 +128,8 @@ def iterator(dataset: grain.MapDataset, worker_count: int = 0, prefetch: int = 4
   # grain's default reads 500 elements ahead in 16 threads: here an element is a whole batch.
   it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
   if worker_count:
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside `app.run`, the defaults
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)
 
