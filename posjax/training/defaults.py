@@ -46,8 +46,11 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
       tfds_split='train',
       text_feature='text',
       data_dir='',  # tfds data dir; empty: $TFDS_DATA_DIR, else WORKDIR/tensorflow_datasets
-      tokenizer='',  # tokenizer.json / vocab.txt / HF directory; empty: train WordPiece, saved in workdir
-      vocab_size=8192 if small else 30522,  # size of a newly trained WordPiece vocabulary
+      # tokenizer.json / vocab.txt / HF directory / SentencePiece .model; empty: train one (tokenizer_kind),
+      # saved in the workdir
+      tokenizer='',
+      tokenizer_kind='wordpiece',  # of a newly trained vocabulary: 'wordpiece' or 'sentencepiece' (unigram)
+      vocab_size=8192 if small else 30522,  # size of a newly trained vocabulary
       seq_len=128,
       mask_prob=0.15,
       max_predictions=0,  # masked positions per sequence the MLM head runs on; 0: ceil(seq_len * mask_prob)

@@ -22,9 +22,13 @@ from posjax.config import ModelConfig
 from posjax.data import pipeline
 from posjax.data import pretrain
 from posjax.data import sources
+from posjax.data import spm
 from posjax.data import tokenizer as tokenizer_lib
 from posjax.errors import ConfigError, NonFiniteError
 from posjax.training import checkpoint, distributed, metrics, optimizer, preemption, sharding, steps
+
+
+TOKENIZER_KINDS = ('wordpiece', 'sentencepiece')
 
 
 def validate(config) -> None:
@@ -37,6 +41,9 @@ def validate(config) -> None:
     raise ConfigError(f'learning_rate must be positive; got {config.learning_rate!r}')
   if not 0 < config.data.mask_prob < 1:
     raise ConfigError(f'data.mask_prob must be in (0, 1); got {config.data.mask_prob!r}')
+  if config.data.tokenizer_kind not in TOKENIZER_KINDS:
+    raise ConfigError(f'data.tokenizer_kind {config.data.tokenizer_kind!r} is not one of '
+                      f'{", ".join(TOKENIZER_KINDS)}')
   if not isinstance(config.data.worker_count, int) or config.data.worker_count < 0:
     raise ConfigError(f'data.worker_count must be a non-negative integer; got {config.data.worker_count!r}')
   if not 0 < config.data.eval_fraction < 1:
@@ -50,28 +57,37 @@ def validate(config) -> None:
     raise ConfigError(f'objective {config.objective!r} is not one of {", ".join(steps.OBJECTIVES)}')
 
 
+def train_tokenizer(config, workdir: str, documents):
+  """A vocabulary of data.vocab_size tokens: WordPiece, or (ALBERT) a unigram SentencePiece model saved as
+  WORKDIR/spiece.model."""
+  logging.info('training a %s vocabulary of %d tokens', config.data.tokenizer_kind, config.data.vocab_size)
+  if config.data.tokenizer_kind == 'sentencepiece':
+    return spm.train_unigram(documents, config.data.vocab_size, workdir)
+  return tokenizer_lib.train_wordpiece(documents, config.data.vocab_size)
+
+
 def tokenizer_for(config, workdir: str, documents):
   """The workdir's tokenizer if it has one (resume), else the configured one, else a newly trained one."""
   saved = os.path.join(workdir, 'tokenizer.json')
   if os.path.exists(saved):
     return tokenizer_lib.load(saved)
-  if config.data.tokenizer:
+  if config.data.tokenizer.endswith('.model'):
+    tok = spm.from_model(config.data.tokenizer, copy_to=workdir if jax.process_index() == 0 else None)
+  elif config.data.tokenizer:
     tok = tokenizer_lib.load(config.data.tokenizer)
   elif jax.process_count() > 1:
     # WordPiece training is not deterministic across runs: process 0 trains, the others read its file from
     # the (shared) workdir, so every host tokenises alike.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
-      logging.info('training a WordPiece vocabulary of %d tokens', config.data.vocab_size)
-      tokenizer_lib.save(tokenizer_lib.train_wordpiece(documents, config.data.vocab_size), workdir)
+      tokenizer_lib.save(train_tokenizer(config, workdir, documents), workdir)
     multihost_utils.sync_global_devices('posjax tokenizer written')
     if not os.path.exists(saved):
       raise ConfigError(f'{saved} (written by process 0) is not visible to process {jax.process_index()}: a '
                         'multi-host run needs a shared workdir, or set data.tokenizer')
     return tokenizer_lib.load(saved)
   else:
-    logging.info('training a WordPiece vocabulary of %d tokens', config.data.vocab_size)
-    tok = tokenizer_lib.train_wordpiece(documents, config.data.vocab_size)
+    tok = train_tokenizer(config, workdir, documents)
   if jax.process_index() == 0:
     tokenizer_lib.save(tok, workdir)
   return tok
