@@ -18,6 +18,7 @@ import hashlib
 import os
 import sys
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -103,10 +104,24 @@ def local_corpus_builder(files: str, text_field: str, data_dir: str) -> LocalCor
 
 
 def prepare_local(files: str, text_field: str, data_dir: str) -> LocalCorpus:
+  """The prepared builder of `files`; on several hosts, process 0 prepares it and the others wait."""
   builder = local_corpus_builder(files, text_field, data_dir)
-  if not builder.is_prepared():
+  if not builder.is_prepared() and jax.process_index() == 0:
     tfds.disable_progress_bar()
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except (OSError, ValueError, RuntimeError):
+      # Another run preparing the same content into the same data dir may have won the race to publish it.
+      builder = local_corpus_builder(files, text_field, data_dir)
+      if not builder.is_prepared():
+        raise
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('posjax local corpus prepared')
+    builder = local_corpus_builder(files, text_field, data_dir)
+    if not builder.is_prepared():
+      raise ConfigError(f'data.data_dir: {data_dir} (prepared by process 0) is not visible to process '
+                        f'{jax.process_index()}: a multi-host run needs a shared data dir')
   return builder
 
 
