@@ -1,4 +1,6 @@
-"""Documents to pretrain on: the offline default corpus, or local text / JSON-lines files.
+"""Documents to pretrain on: the offline default corpus, or local text / JSON-lines / TSV files, cleaned.
+
+posjax/data/sources.py turns either into a prepared tfds dataset; these are the readers its builder runs.
 
 The default corpus is real English prose that every CPython installation carries: the language reference and
 library topics of `pydoc_data` plus the docstrings of the standard library's own modules (read with `ast`,
@@ -34,7 +36,7 @@ class Corpus:
   def summary(self) -> str:
     words = sum(len(d.split()) for d in self.documents)
     skipped = ', '.join(f'{n} {why}' for why, n in sorted(self.skipped.items())) or 'none'
-    return f'{self.source}: {len(self.documents)} documents, {words} words; skipped: {skipped}'
+    return f'{self.source}: {len(self.documents)} documents, {words} words; skipped or changed: {skipped}'
 
 
 def default_corpus() -> Corpus:
