@@ -139,12 +139,12 @@ def clean(text: str, skipped: collections.Counter) -> str | None:
 
 
 def expand(patterns: str | list[str]) -> list[str]:
-  """The files matching glob `patterns` (comma-separated or a list), sorted per pattern."""
+  """The files (not directories) matching glob `patterns` (comma-separated or a list), sorted per pattern."""
   if isinstance(patterns, str):
     patterns = [p.strip() for p in patterns.split(',') if p.strip()]
   paths = []
   for p in patterns:
-    matched = sorted(glob.glob(os.path.expanduser(p)))
+    matched = sorted(m for m in glob.glob(os.path.expanduser(p)) if os.path.isfile(m))
     if not matched:
       raise ConfigError(f'data.files: {p!r} matches no file')
     paths.extend(matched)

@@ -29,11 +29,20 @@ FLAGS = flags.FLAGS
 
 def prepare_tfds(name: str, data_dir: str, manual_dir: str = '', builder_file: str = ''):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if builder_file:  # defining the class registers its builder under its snake_case name
+  if builder_file:
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(builder_file))[0],
                                                   builder_file)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-  builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    module = importlib.util.module_from_spec(spec)
+    with tfds.core.registered.skip_registration():  # loading the same file twice is no conflict
+      spec.loader.exec_module(module)
+    base, _, config = name.partition('/')
+    found = [c for c in vars(module).values() if isinstance(c, type) and
+             issubclass(c, tfds.core.DatasetBuilder) and getattr(c, 'name', None) == base]
+    if not found:
+      raise ValueError(f'{builder_file} defines no tfds builder named {base!r}')
+    builder = found[0](data_dir=data_dir, file_format='array_record', config=config or None)
+  else:
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
   return builder
 

@@ -110,6 +110,8 @@ def prepare_local(files: str, text_field: str, data_dir: str) -> LocalCorpus:
     tfds.disable_progress_bar()
     try:
       builder.download_and_prepare()
+    except ConfigError:
+      raise
     except (OSError, ValueError, RuntimeError):
       # Another run preparing the same content into the same data dir may have won the race to publish it.
       builder = local_corpus_builder(files, text_field, data_dir)
