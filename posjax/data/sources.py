@@ -1,4 +1,4 @@
-"""Document sources as prepared tfds datasets, read with `tfds.data_source` (ArrayRecord, no TensorFlow).
+"""Document sources as prepared tfds datasets, read by random access (ArrayRecord, no TensorFlow).
 
 Every source goes through the same path: a tfds dataset in a data dir, read by random access.
 - `files`: local corpora (txt / jsonl / tsv, gzip or not, globs) are turned into the dataset `local_corpus`
@@ -138,7 +138,8 @@ def _prepare_hint(name: str, data_dir: str) -> str:
 
 
 def open_tfds(name: str, split: str, data_dir: str):
-  """The random-access source of a prepared catalog dataset (ArrayRecord); never downloads."""
+  """The random-access source of a prepared catalog dataset (ArrayRecord): `tfds.data_source` with
+  download=False, with its two failure modes (not prepared, prepared as TFRecord) turned into clear errors."""
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
