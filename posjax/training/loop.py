@@ -233,6 +233,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
+    train_iter.close()  # stops its prefetch thread and worker processes
   return last
 
 
