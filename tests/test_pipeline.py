@@ -167,3 +167,18 @@ def test_worker_processes_give_the_same_batches_and_resume():
   again = pipeline.iterator(ds, worker_count=2)
   again.set_state(state)
   assert_same(take(again, 6), later)
+
+
+def test_checkpoint_without_data_state_still_resumes(tmp_path, caplog):
+  """A checkpoint of older code (or of another number of processes) has no iterator state for this process:
+  its train state is used all the same, with a warning, not skipped as unreadable."""
+  import shutil
+  c = micro_config(num_train_steps=10, checkpoint_every=5, eval_every=10)
+  loop.train_and_evaluate(c, str(tmp_path))
+  shutil.rmtree(tmp_path / 'checkpoints' / '10')
+  shutil.rmtree(tmp_path / 'checkpoints' / '5' / 'data')
+  caplog.set_level('INFO')
+  loop.train_and_evaluate(c, str(tmp_path))
+  assert 'resumed from the checkpoint at step 5' in caplog.text
+  assert 'holds no data iterator state for process_0-of-1.json' in caplog.text
+  assert 'unreadable' not in caplog.text

@@ -60,10 +60,14 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, model: dict, wor
     check_compatible(meta['model'], model, workdir)
     try:
       items = dict(state=ocp.args.StandardRestore(abstract_state))
-      if data is not None and os.path.isdir(os.path.join(mngr.directory, str(step), 'data')):
+      # grain saves one state per process: a checkpoint of older code, or of another number of processes,
+      # has none for this one.
+      mine = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+      if data is not None and os.path.exists(os.path.join(mngr.directory, str(step), 'data', mine)):
         items['data'] = grain.checkpoint.CheckpointRestore(data)
       elif data is not None:
-        logging.warning('the checkpoint at step %d holds no data iterator state; the data starts afresh', step)
+        logging.warning('the checkpoint at step %d holds no data iterator state for %s; the data starts '
+                        'afresh', step, mine)
       restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one', step,
