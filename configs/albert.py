@@ -28,5 +28,7 @@ def get_config(arg=None):
       attention=variant or 'absolute')
   if variant and any(p in ('relative_key', 'relative_key_query') for p in variant.split('+')):
     model.attention_options.relative_scaled = False  # HF ALBERT adds relative terms after scaling
-  return defaults.pretraining_config(model_type='albert', objective='mlm+sop', small=hidden <= 256,
-                                     model=model)
+  config = defaults.pretraining_config(model_type='albert', objective='mlm+sop', small=hidden <= 256,
+                                       model=model)
+  config.data.tokenizer_kind = 'sentencepiece'  # ALBERT's unigram SentencePiece (`data.tokenizer`: a .model)
+  return config

@@ -15,3 +15,17 @@ def shared_data():
   if not os.path.isdir(path):
     pytest.skip(f'real data folder {path} is absent (it sits beside the repository on the project machines)')
   return path
+
+
+@pytest.fixture(autouse=True, scope='session')
+def tfds_data_dir(tmp_path_factory):
+  """Prepared datasets (the default corpus's among them) go to one temporary data dir per session, never
+  to ~/tensorflow_datasets, and are reused by every test of the session."""
+  path = str(tmp_path_factory.mktemp('tensorflow_datasets'))
+  old = os.environ.get('TFDS_DATA_DIR')
+  os.environ['TFDS_DATA_DIR'] = path
+  yield path
+  if old is None:
+    del os.environ['TFDS_DATA_DIR']
+  else:
+    os.environ['TFDS_DATA_DIR'] = old

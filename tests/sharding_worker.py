@@ -14,7 +14,7 @@ from jax.sharding import AxisType  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import load_config_module  # noqa: E402
-from posjax.data import pretrain  # noqa: E402
+from posjax.data import pipeline, pretrain  # noqa: E402
 from posjax.training import loop, optimizer, sharding, steps  # noqa: E402
 
 MESHES = {'single': (1, 1, 1), 'data': (8, 1, 1), 'fsdp': (1, 8, 1), 'tensor': (2, 1, 4), 'mix': (2, 2, 2)}
@@ -48,7 +48,7 @@ def main(name, variant, out):
   if c.objective in ('mlm+sop', 'mlm+nsp'):
     examples['type_ids'] = (np.arange(16)[None] > 8).astype(np.int32).repeat(64, 0)
     examples['sentence_labels'] = rng.integers(0, 2, 64).astype(np.int32)
-  data = pretrain.MLMBatches(examples, c.batch_size, pretrain.Specials(0, 2, 3, 4, 1), 128, seed=0)
+  data = pipeline.MLMBatches(examples, c.batch_size, pretrain.Specials(0, 2, 3, 4, 1), 128, seed=0)
   results = {}
   for mesh_name, shape in MESHES.items():
     n = int(np.prod(shape))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from posjax.data import corpus, pretrain, tokenizer
+from posjax.data import corpus, pipeline, pretrain, tokenizer
 from posjax.errors import ConfigError
 
 SPECIALS = pretrain.Specials(pad=0, unk=1, cls=2, sep=3, mask=4)
@@ -72,7 +72,7 @@ def unmask(batch):
 
 def test_batches_are_a_function_of_step_and_masks_change_each_epoch():
   x = packed(n=40)[:40]
-  b = pretrain.MLMBatches(x, 8, SPECIALS, 500, seed=3)
+  b = pipeline.MLMBatches(x, 8, SPECIALS, 500, seed=3)
   a1, a2 = b.batch(7), b.batch(7)
   for k in a1:
     np.testing.assert_array_equal(a1[k], a2[k])
@@ -88,7 +88,7 @@ def test_batches_are_a_function_of_step_and_masks_change_each_epoch():
     for i, r in enumerate(unmask(batch)):
       masks.setdefault(row_of[r.tobytes()], []).append(tuple(batch['positions'][i]))
   assert sum(m[0] != m[1] for m in masks.values()) >= 35
-  other = pretrain.MLMBatches(x, 8, SPECIALS, 500, seed=4).batch(7)
+  other = pipeline.MLMBatches(x, 8, SPECIALS, 500, seed=4).batch(7)
   assert not np.array_equal(other['ids'], a1['ids'])
 
 
@@ -106,7 +106,8 @@ def test_read_files_skips_and_counts_bad_records(tmp_path):
   assert c.skipped['invalid JSON lines'] == 1
   assert c.skipped["records without a string 'text' field"] == 1
   assert c.skipped['documents under 40 characters'] == 2
-  assert c.skipped['files that are not valid UTF-8'] == 1
+  assert c.skipped['lines that are not valid UTF-8'] == 1
+  assert c.skipped['files without a usable document'] == 1
   assert 'skipped' in c.summary()
 
 

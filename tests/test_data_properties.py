@@ -94,15 +94,15 @@ def test_jsonl_keeps_exactly_the_good_records_and_counts_the_rest(tmp_path_facto
   assert sum(c.skipped.values()) == len([l for l in lines if l.strip()]) - len(want)
 
 
-def test_enormous_and_empty_records_are_skipped_and_counted(tmp_path):
+def test_enormous_records_are_cut_and_empty_ones_skipped_all_counted(tmp_path):
   path = tmp_path / 'f.jsonl'
   good = 'a perfectly ordinary review of a perfectly ordinary film, ' * 3
   path.write_text('\n'.join(json.dumps({'text': t}) for t in
                             [good, '', ' ' * 100, 'x' * (corpus.MAX_DOC_CHARS + 1), good]) + '\n')
   c = corpus.read_files(str(path))
-  assert c.documents == [good.strip()] * 2
+  assert c.documents == [good.strip(), 'x' * corpus.MAX_DOC_CHARS, good.strip()]
   assert c.skipped == {f'documents under {corpus.MIN_DOC_CHARS} characters': 2,
-                       f'documents over {corpus.MAX_DOC_CHARS} characters': 1}
+                       f'documents cut to {corpus.MAX_DOC_CHARS} characters (kept)': 1}
 
 
 token_lists = st.lists(st.lists(st.integers(5, 999), max_size=300) | st.just([]), max_size=12)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from helpers import micro_config
-from posjax.data import pretrain
+from posjax.data import pipeline, pretrain
 from posjax.training import loop, optimizer, steps
 
 
@@ -29,7 +29,7 @@ def _batch(rows=16, seed=0):
   ids[:, 0] = 2
   for r in range(rows):  # ragged lengths: micro-batches then hold different numbers of masked tokens
     ids[r, 6 + (r * 5) % 10:] = 0
-  return pretrain.MLMBatches({'ids': ids}, rows, pretrain.Specials(0, 2, 3, 4, 1), 100, seed=0,
+  return pipeline.MLMBatches({'ids': ids}, rows, pretrain.Specials(0, 2, 3, 4, 1), 100, seed=0,
                              max_predictions=4).batch(0)
 
 

@@ -80,15 +80,14 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
 
 def inject_nan_at(monkeypatch, bad_step):
   """Batches whose MLM weights are NaN at one step: the loss (and gradient) of that step is NaN."""
-  from posjax.data import pretrain
-  original = pretrain.MLMBatches.batch
+  from posjax.data import pipeline
+  original = pipeline.iterator
 
-  def batch(self, step):
-    b = original(self, step)
-    if step + 1 == bad_step:
-      b['weights'] = b['weights'] * np.nan
-    return b
-  monkeypatch.setattr(pretrain.MLMBatches, 'batch', batch)
+  def poison(step, batch):
+    return {**batch, 'weights': batch['weights'] * np.nan} if step + 1 == bad_step else batch
+
+  monkeypatch.setattr(pipeline, 'iterator', lambda dataset, *a, **k: original(
+      dataset.map_with_index(poison), *a, **k))
 
 
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

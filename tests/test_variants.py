@@ -16,7 +16,7 @@ import pytest
 
 import posjax
 from posjax.attention import registry
-from posjax.data import corpus, pretrain, tokenizer
+from posjax.data import corpus, pipeline, pretrain, tokenizer
 from posjax.training import steps
 
 COMBINATIONS = ['absolute+convfixed', 'tisa+convq', 'relative_key+convvalues', 'rope+alibi', 'none+t5']
@@ -143,7 +143,7 @@ def real_batches():
   tok = tokenizer.train_wordpiece(docs, vocab_size=800)
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer.special_ids(tok))
   x = pretrain.pack([e.ids for e in tok.encode_batch(docs, add_special_tokens=False)], 32, specials)
-  return pretrain.MLMBatches(x, 16, specials, tok.get_vocab_size(), seed=0), tok.get_vocab_size()
+  return pipeline.MLMBatches(x, 16, specials, tok.get_vocab_size(), seed=0), tok.get_vocab_size()
 
 
 @pytest.mark.parametrize('variant', variants())

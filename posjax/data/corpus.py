@@ -1,4 +1,6 @@
-"""Documents to pretrain on: the offline default corpus, or local text / JSON-lines files.
+"""Documents to pretrain on: the offline default corpus, or local text / JSON-lines / TSV files, cleaned.
+
+posjax/data/sources.py turns either into a prepared tfds dataset; these are the readers its builder runs.
 
 The default corpus is real English prose that every CPython installation carries: the language reference and
 library topics of `pydoc_data` plus the docstrings of the standard library's own modules (read with `ast`,
@@ -14,14 +16,16 @@ import glob
 import gzip
 import json
 import os
+import re
 import sysconfig
 import zlib
 
 from posjax.errors import ConfigError
 
 MIN_DOC_CHARS = 40
-# Longer "documents" are a file without blank lines or a runaway record, not prose to pack: skipped, counted.
-MAX_DOC_CHARS = 1_000_000
+# Longer documents (a megabyte line of scraped text) are cut, so that one record cannot stall batched
+# tokenisation; at seq_len 512 this is still hundreds of sequences.
+MAX_DOC_CHARS = 100_000
 
 
 @dataclasses.dataclass
@@ -33,7 +37,7 @@ class Corpus:
   def summary(self) -> str:
     words = sum(len(d.split()) for d in self.documents)
     skipped = ', '.join(f'{n} {why}' for why, n in sorted(self.skipped.items())) or 'none'
-    return f'{self.source}: {len(self.documents)} documents, {words} words; skipped: {skipped}'
+    return f'{self.source}: {len(self.documents)} documents, {words} words; skipped or changed: {skipped}'
 
 
 def default_corpus() -> Corpus:
@@ -53,78 +57,130 @@ def default_corpus() -> Corpus:
         doc = ast.get_docstring(node)
         if doc and len(doc) >= 200:
           docs.append(doc)
-  docs, short, long = _clean(docs)
-  skipped[f'documents under {MIN_DOC_CHARS} characters'] += short
-  skipped[f'documents over {MAX_DOC_CHARS} characters'] += long
-  skipped = +skipped  # drop zero counts
+  docs = [d for d in (clean(d, skipped) for d in docs) if d is not None]
   return Corpus(docs, 'default corpus (pydoc_data topics + stdlib docstrings)', skipped)
 
 
-def _clean(docs):
-  """(documents of MIN_DOC_CHARS..MAX_DOC_CHARS characters, stripped; how many were shorter; how many longer)"""
-  stripped = [d.strip() for d in docs]
-  kept = [d for d in stripped if MIN_DOC_CHARS <= len(d) <= MAX_DOC_CHARS]
-  long = sum(len(d) > MAX_DOC_CHARS for d in stripped)
-  return kept, len(docs) - len(kept) - long, long
+# Markup left in scraped text (IMDB's `<br />`): replaced by a space, counted.
+# Only tag names of HTML's text markup: `<stdin>` or `<module>` in prose are left alone.
+_HTML_TAG = re.compile(r'</?(?:a|b|i|u|s|p|br|hr|em|strong|span|div|font|img|li|ul|ol|h[1-6]|table|tr|td|th|'
+                       r'blockquote|pre|code|sub|sup|small|big|center)(?:\s[^<>]{0,200})?\s*/?>', re.IGNORECASE)
 
 
 def _open_binary(path):
   return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
 
 
-def _json_texts(f, text_field, skipped):
-  for raw in f:
-    if not raw.strip():
-      continue
+def _kind(path: str) -> str:
+  base = path[:-3] if path.endswith('.gz') else path
+  return {'.jsonl': 'json', '.json': 'json', '.tsv': 'tsv'}.get(os.path.splitext(base)[1], 'text')
+
+
+def _records(path: str, text_field: str, skipped: collections.Counter):
+  """Raw texts of one file; undecodable or malformed records are counted in `skipped` and passed over."""
+  kind = _kind(path)
+  column = None
+  paragraph = []
+  with _open_binary(path) as f:
+    for number, raw in enumerate(f):
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError:
+        skipped['lines that are not valid UTF-8'] += 1
+        continue
+      if kind == 'text':
+        if line.strip():
+          paragraph.append(line)
+        elif paragraph:
+          yield ''.join(paragraph)
+          paragraph = []
+        continue
+      if not line.strip():
+        continue
+      if kind == 'tsv':
+        cells = line.rstrip('\r\n').split('\t')
+        if column is None:  # the header row names the columns
+          if text_field not in cells:
+            raise ConfigError(f'data.text_field: {text_field!r} is not a column of {path} (columns: '
+                              f'{", ".join(cells)})')
+          column, width = cells.index(text_field), len(cells)
+        elif len(cells) != width:
+          skipped['TSV rows with the wrong number of columns'] += 1
+        else:
+          yield cells[column]
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        skipped['invalid JSON lines'] += 1
+        continue
+      text = record.get(text_field) if isinstance(record, dict) else None
+      if not isinstance(text, str):
+        skipped[f'records without a string {text_field!r} field'] += 1
+        continue
+      yield text
+  if paragraph:
+    yield ''.join(paragraph)
+
+
+def clean(text: str, skipped: collections.Counter) -> str | None:
+  """A document as the pipeline takes it: HTML tags removed, at most MAX_DOC_CHARS characters, or None when
+  it is too short to learn from; each change is counted in `skipped`."""
+  text, tags = _HTML_TAG.subn(' ', text)
+  if tags:
+    skipped['documents with HTML tags removed (kept)'] += 1
+  text = text.strip()
+  if len(text) > MAX_DOC_CHARS:
+    skipped[f'documents cut to {MAX_DOC_CHARS} characters (kept)'] += 1
+    text = text[:MAX_DOC_CHARS]
+  if len(text) < MIN_DOC_CHARS:
+    skipped[f'documents under {MIN_DOC_CHARS} characters'] += 1
+    return None
+  return text
+
+
+def expand(patterns: str | list[str]) -> list[str]:
+  """The files (not directories) matching glob `patterns` (comma-separated or a list), sorted per pattern."""
+  if isinstance(patterns, str):
+    patterns = [p.strip() for p in patterns.split(',') if p.strip()]
+  paths = []
+  for p in patterns:
+    matched = sorted(m for m in glob.glob(os.path.expanduser(p)) if os.path.isfile(m))
+    if not matched:
+      raise ConfigError(f'data.files: {p!r} matches no file')
+    paths.extend(matched)
+  return paths
+
+
+def iter_documents(paths: list[str], text_field: str, skipped: collections.Counter):
+  """Cleaned documents of `paths` in order; everything passed over is counted in `skipped`, never fatal."""
+  for path in paths:
+    n = 0
     try:
-      record = json.loads(raw.decode('utf-8'))
-    except UnicodeDecodeError:
-      skipped['JSON lines that are not valid UTF-8'] += 1
-      continue
-    except json.JSONDecodeError:
-      skipped['invalid JSON lines'] += 1
-      continue
-    text = record.get(text_field) if isinstance(record, dict) else None
-    if not isinstance(text, str):
-      skipped[f'records without a string {text_field!r} field'] += 1
-      continue
-    yield text
+      for text in _records(path, text_field, skipped):
+        doc = clean(text, skipped)
+        if doc is not None:
+          n += 1
+          yield doc
+    except (OSError, EOFError, zlib.error) as e:  # truncated or damaged gzip, unreadable file: keep what was read
+      skipped[f'unreadable or cut-short files ({type(e).__name__})'] += 1
+    if not n:
+      skipped['files without a usable document'] += 1
 
 
 def read_files(patterns: str | list[str], text_field: str = 'text') -> Corpus:
   """Documents from files matching glob `patterns` (comma-separated or a list).
 
-  `.jsonl`/`.json` (optionally `.gz`): one JSON object per line, text in `text_field`. Anything else is plain
-  text where blank lines separate documents. Malformed records are skipped and counted, never fatal; a pattern
-  that matches nothing, or files that hold no usable text, raise ValueError before any compilation.
+  `.jsonl`/`.json`: one JSON object per line, text in `text_field`; `.tsv`: a header row, text in the column
+  named `text_field`; anything else is plain text where blank lines separate documents; each optionally
+  `.gz`. Malformed records are skipped and counted, never fatal; a pattern that matches nothing, or files that
+  hold no usable text, raise ConfigError before any compilation.
   """
-  if isinstance(patterns, str):
-    patterns = [p.strip() for p in patterns.split(',') if p.strip()]
-  paths = []
-  for p in patterns:
-    matched = sorted(glob.glob(os.path.expanduser(p)))
-    if not matched:
-      raise ConfigError(f'data.files: {p!r} matches no file')
-    paths.extend(matched)
-  docs, skipped = [], collections.Counter()
-  for path in paths:
-    is_json = any(path.endswith(s) for s in ('.jsonl', '.json', '.jsonl.gz', '.json.gz'))
-    try:
-      with _open_binary(path) as f:
-        if is_json:
-          for text in _json_texts(f, text_field, skipped):  # a damaged file keeps the records before the damage
-            docs.append(text)
-        else:
-          docs.extend(f.read().decode('utf-8').replace('\r\n', '\n').replace('\r', '\n').split('\n\n'))
-    except UnicodeDecodeError:
-      skipped['files that are not valid UTF-8'] += 1
-    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged .gz past its header
-      skipped[f'unreadable or cut-short files ({type(e).__name__})'] += 1
-  docs, short, long = _clean(docs)
-  skipped[f'documents under {MIN_DOC_CHARS} characters'] += short
-  skipped[f'documents over {MAX_DOC_CHARS} characters'] += long
-  skipped = +skipped  # drop zero counts
-  corpus = Corpus(docs, f'{len(paths)} file(s) from {", ".join(patterns)}', skipped)
+  paths = expand(patterns)
+  skipped = collections.Counter()
+  docs = list(iter_documents(paths, text_field, skipped))
+  corpus = Corpus(docs, f'{len(paths)} file(s) from {", ".join(paths[:3])}{" ..." if len(paths) > 3 else ""}',
+                  skipped)
   if not docs:
     raise ConfigError(f'data.files: no usable text in {", ".join(paths)} ({corpus.summary()})')
   return corpus

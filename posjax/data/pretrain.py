@@ -1,8 +1,6 @@
-"""MLM examples: documents -> token ids -> fixed-length sequences -> masked batches.
+"""MLM examples: token ids -> fixed-length sequences (single or sentence pairs) -> BERT masking.
 
-Batches are a pure function of (seed, step): the order of examples is a seeded permutation per epoch and the
-masks are drawn from a generator keyed by the step, so masks are fresh every epoch and a resumed run sees
-exactly the batches an uninterrupted one would.
+posjax/data/pipeline.py runs these inside the grain pipeline.
 """
 
 from __future__ import annotations
@@ -102,21 +100,28 @@ def pack_pairs(token_lists, seq_len: int, specials: Specials, seed: int, task: s
 
 
 def mask_tokens(ids_BxL: np.ndarray, rng: np.random.Generator, specials: Specials, vocab_size: int,
-                mask_prob: float = 0.15, max_predictions: int | None = None):
+                mask_prob: float = 0.15, max_predictions: int | None = None, continuation=None):
   """BERT's masking (create_pretraining_data.py): in each sequence choose round(mask_prob * n) of its n real
   tokens (at least 1, at most `max_predictions`); of those 80% -> [MASK], 10% -> a random token, 10% kept.
 
   Returns a dict: `ids` (the corrupted inputs, BxL), `mask` (True at real tokens), `positions`, `labels`
   (original ids) and `weights` (1.0 for real predictions, 0.0 for padding slots), each BxP with
   P = max_predictions, so the MLM head only runs on the chosen positions.
+
+  Whole-word masking: `continuation` (a bool per vocabulary id, True for tokens that continue a word, as
+  WordPiece's `##x`) makes the choice one of whole words, in random order, each taken only if all its tokens
+  fit in the count (BERT's create_pretraining_data.py with do_whole_word_mask).
   """
   b, l = ids_BxL.shape
   p = max_predictions or max(1, int(np.ceil(l * mask_prob)))
   candidate = ~np.isin(ids_BxL, [specials.pad, specials.cls, specials.sep])
   count_B = np.minimum(np.maximum(1, np.rint(candidate.sum(1) * mask_prob)), p).astype(np.int64)
   count_B = np.minimum(count_B, candidate.sum(1))
-  # A random order of each row's candidates; the first count_B of it are chosen.
-  order = np.argsort(np.where(candidate, rng.random((b, l)), np.inf), axis=1, kind='stable')[:, :p]
+  if continuation is None:
+    # A random order of each row's candidates; the first count_B of it are chosen.
+    order = np.argsort(np.where(candidate, rng.random((b, l)), np.inf), axis=1, kind='stable')[:, :p]
+  else:
+    order, count_B = _whole_words(candidate, np.asarray(continuation)[ids_BxL], count_B, p, rng)
   if order.shape[1] < p:  # sequences shorter than max_predictions
     order = np.pad(order, ((0, 0), (0, p - order.shape[1])))
   valid_BxP = np.arange(p)[None, :] < count_B[:, None]
@@ -133,52 +138,20 @@ def mask_tokens(ids_BxL: np.ndarray, rng: np.random.Generator, specials: Special
           'labels': labels_BxP, 'weights': valid_BxP.astype(np.float32)}
 
 
-class MLMBatches:
-  """Deterministic masked batches over packed sequences.
-
-  `examples` is an NxL id array, or a dict of per-example arrays with `ids` (NxL) and optionally `type_ids`
-  (NxL) and `sentence_labels` (N), which are carried into the batches unchanged.
-  """
-
-  def __init__(self, examples, batch_size: int, specials: Specials, vocab_size: int,
-               seed: int, mask_prob: float = 0.15, max_predictions: int | None = None):
-    fields = examples if isinstance(examples, dict) else {'ids': examples}
-    if len(fields['ids']) == 0:
-      raise ConfigError('no training sequences: the corpus produced no sequence of at least 8 tokens')
-    self.fields = fields
-    self.examples = fields['ids']
-    self.batch_size = batch_size
-    self.specials = specials
-    self.vocab_size = vocab_size
-    self.seed = seed
-    self.mask_prob = mask_prob
-    self.max_predictions = max_predictions or max(1, int(np.ceil(self.examples.shape[1] * mask_prob)))
-
-  def __len__(self):
-    return len(self.examples)
-
-  def _order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.examples))
-
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    n, b = len(self.examples), self.batch_size
-    flat = np.arange(step * b, (step + 1) * b)
-    epochs, offsets = flat // n, flat % n
-    orders = {int(e): self._order(int(e)) for e in np.unique(epochs)}
-    idx = np.array([orders[int(e)][o] for e, o in zip(epochs, offsets)])
-    return self._masked(idx, np.random.default_rng([self.seed, 1, step]))
-
-  def _masked(self, idx, rng):
-    batch = mask_tokens(self.examples[idx], rng, self.specials, self.vocab_size, self.mask_prob,
-                        self.max_predictions)
-    batch.update({k: v[idx] for k, v in self.fields.items() if k != 'ids'})
-    return batch
-
-  def eval_batches(self, max_batches: int):
-    """Fixed masks (seeded once) over the first `max_batches` batches, for comparable eval numbers."""
-    rng = np.random.default_rng([self.seed, 2])
-    b = min(self.batch_size, len(self.examples))
-    for start in range(0, min(len(self.examples), max_batches * b), b):
-      if start + b > len(self.examples):  # keep shapes static for the jitted eval step
-        break
-      yield self._masked(np.arange(start, start + b), rng)
+def _whole_words(candidate_BxL, continues_BxL, count_B, p, rng):
+  """Positions of whole words drawn in random order per row, and how many were taken (<= count_B)."""
+  b, l = candidate_BxL.shape
+  order = np.zeros((b, p), np.int64)
+  taken = np.zeros(b, np.int64)
+  for r in range(b):
+    pos = np.nonzero(candidate_BxL[r])[0]
+    if not len(pos):
+      continue
+    # A continuation token belongs to the word before it (a lone one starts its own).
+    starts = ~continues_BxL[r, pos] | (np.diff(pos, prepend=-2) != 1)
+    words = np.split(pos, np.nonzero(starts)[0][1:])
+    for w in rng.permutation(len(words)):
+      if taken[r] + len(words[w]) <= count_B[r]:
+        order[r, taken[r]:taken[r] + len(words[w])] = words[w]
+        taken[r] += len(words[w])
+  return order, taken

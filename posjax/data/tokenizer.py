@@ -87,10 +87,16 @@ def save(tok: Tokenizer, directory: str) -> None:
     f.write('\n'.join(t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])) + '\n')
 
 
+# SentencePiece vocabularies (ALBERT's) spell two of them differently.
+ALIASES = {'[PAD]': '<pad>', '[UNK]': '<unk>'}
+
+
 def special_ids(tok: Tokenizer) -> dict[str, int]:
   ids = {}
   for t in SPECIAL_TOKENS:
     i = tok.token_to_id(t)
+    if i is None and t in ALIASES:
+      i = tok.token_to_id(ALIASES[t])
     if i is None:
       raise ConfigError(f'tokenizer has no {t} token; BERT pretraining needs all of {", ".join(SPECIAL_TOKENS)}')
     ids[t] = i

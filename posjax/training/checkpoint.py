@@ -7,6 +7,7 @@ import os
 
 from absl import logging
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,9 +50,13 @@ def checksums(state) -> dict[str, int]:
           for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-  meta = {**meta, 'checksums': checksums(state)}
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, data=None) -> None:
+  """The state, `meta` (JSON, with the state's checksums) and, when given, `data`: the training data's grain
+  iterator, whose position is saved as its own item (one per process)."""
+  items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, 'checksums': checksums(state)}))
+  if data is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(data)
+  mngr.save(step, args=ocp.args.Composite(**items))
 
 
 def damaged_leaves(state, saved: dict[str, int]) -> list[str]:
@@ -69,8 +74,9 @@ def check_compatible(saved_model: dict, model: dict, workdir: str) -> None:
                       'workdir or the same config')
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, model: dict, workdir: str):
-  """(state, meta) from the latest readable checkpoint, or (None, None) when there is none.
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, model: dict, workdir: str, data=None):
+  """(state, meta) from the latest readable checkpoint, or (None, None) when there is none; `data`, a grain
+  iterator, is set to the state saved with it.
 
   Orbax only finalises a checkpoint directory once it is complete, so a save cut off midway is never listed;
   a finalised one that was damaged afterwards (truncated or deleted files, or flipped bits that still decode,
@@ -86,7 +92,16 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, model: dict, wor
       continue
     check_compatible(meta['model'], model, workdir)
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      items = dict(state=ocp.args.StandardRestore(abstract_state))
+      # grain saves one state per process: a checkpoint of older code, or of another number of processes,
+      # has none for this one.
+      mine = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+      if data is not None and os.path.exists(os.path.join(mngr.directory, str(step), 'data', mine)):
+        items['data'] = grain.checkpoint.CheckpointRestore(data)
+      elif data is not None:
+        logging.warning('the checkpoint at step %d holds no data iterator state for %s; the data starts '
+                        'afresh', step, mine)
+      restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one', step,
                       workdir, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')

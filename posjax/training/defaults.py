@@ -37,14 +37,27 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
   c.model = model
 
   c.data = ml_collections.ConfigDict(dict(
-      files='',  # glob pattern(s), comma-separated; empty: the offline default corpus
-      text_field='text',  # the text field of JSON-lines records
-      tokenizer='',  # tokenizer.json / vocab.txt / HF directory; empty: train WordPiece, saved in workdir
-      vocab_size=8192 if small else 30522,  # size of a newly trained WordPiece vocabulary
+      # Where documents come from (posjax/data/sources.py), always through a prepared tfds dataset in
+      # data_dir: 'default' (the offline default corpus, or data.files when set), 'files' (data.files) or
+      # 'tfds' (the catalog dataset tfds_name, its split tfds_split and text feature text_feature).
+      source='default',
+      files='',  # glob pattern(s), comma-separated, of .txt / .jsonl / .tsv files, gzip or not
+      text_field='text',  # the text field of JSON-lines records, the text column of TSV files
+      tfds_name='',  # e.g. 'imdb_reviews', 'wikipedia/20230601.en'; prepared beforehand, never downloaded
+      tfds_split='train',
+      text_feature='text',
+      data_dir='',  # tfds data dir; empty: $TFDS_DATA_DIR, else WORKDIR/tensorflow_datasets
+      # tokenizer.json / vocab.txt / HF directory / SentencePiece .model; empty: train one (tokenizer_kind),
+      # saved in the workdir
+      tokenizer='',
+      tokenizer_kind='wordpiece',  # of a newly trained vocabulary: 'wordpiece' or 'sentencepiece' (unigram)
+      vocab_size=8192 if small else 30522,  # size of a newly trained vocabulary
       seq_len=128,
       mask_prob=0.15,
       max_predictions=0,  # masked positions per sequence the MLM head runs on; 0: ceil(seq_len * mask_prob)
       eval_fraction=0.05,  # share of documents held out for evaluation
+      whole_word_masking=False,  # mask all tokens of a word together (BERT's whole-word-masking models)
+      worker_count=0,  # grain worker processes masking and batching; 0: in the training process
   ))
 
   # ELECTRA replaced-token detection (objective 'electra'): the generator is the discriminator scaled by

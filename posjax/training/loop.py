@@ -19,11 +19,16 @@ import jax
 import numpy as np
 
 from posjax.config import ModelConfig
-from posjax.data import corpus as corpus_lib
+from posjax.data import pipeline
 from posjax.data import pretrain
+from posjax.data import sources
+from posjax.data import spm
 from posjax.data import tokenizer as tokenizer_lib
 from posjax.errors import ConfigError, NonFiniteError
 from posjax.training import checkpoint, distributed, metrics, optimizer, preemption, sharding, steps
+
+
+TOKENIZER_KINDS = ('wordpiece', 'sentencepiece')
 
 
 def validate(config) -> None:
@@ -36,6 +41,11 @@ def validate(config) -> None:
     raise ConfigError(f'learning_rate must be positive; got {config.learning_rate!r}')
   if not 0 < config.data.mask_prob < 1:
     raise ConfigError(f'data.mask_prob must be in (0, 1); got {config.data.mask_prob!r}')
+  if config.data.tokenizer_kind not in TOKENIZER_KINDS:
+    raise ConfigError(f'data.tokenizer_kind {config.data.tokenizer_kind!r} is not one of '
+                      f'{", ".join(TOKENIZER_KINDS)}')
+  if not isinstance(config.data.worker_count, int) or config.data.worker_count < 0:
+    raise ConfigError(f'data.worker_count must be a non-negative integer; got {config.data.worker_count!r}')
   if not 0 < config.data.eval_fraction < 1:
     raise ConfigError(f'data.eval_fraction must be in (0, 1); got {config.data.eval_fraction!r}')
   if config.data.seq_len > config.model.max_position_embeddings:
@@ -47,36 +57,55 @@ def validate(config) -> None:
     raise ConfigError(f'objective {config.objective!r} is not one of {", ".join(steps.OBJECTIVES)}')
 
 
+def train_tokenizer(config, workdir: str, documents):
+  """A vocabulary of data.vocab_size tokens: WordPiece, or (ALBERT) a unigram SentencePiece model saved as
+  WORKDIR/spiece.model."""
+  logging.info('training a %s vocabulary of %d tokens', config.data.tokenizer_kind, config.data.vocab_size)
+  if config.data.tokenizer_kind == 'sentencepiece':
+    return spm.train_unigram(documents, config.data.vocab_size, workdir)
+  return tokenizer_lib.train_wordpiece(documents, config.data.vocab_size)
+
+
 def tokenizer_for(config, workdir: str, documents):
   """The workdir's tokenizer if it has one (resume), else the configured one, else a newly trained one."""
   saved = os.path.join(workdir, 'tokenizer.json')
   if os.path.exists(saved):
     return tokenizer_lib.load(saved)
-  if config.data.tokenizer:
+  if config.data.tokenizer.endswith('.model'):
+    tok = spm.from_model(config.data.tokenizer, copy_to=workdir if jax.process_index() == 0 else None)
+  elif config.data.tokenizer:
     tok = tokenizer_lib.load(config.data.tokenizer)
   elif jax.process_count() > 1:
     # Process 0 trains and the others read its file from the (shared) workdir: one vocabulary on record, which
     # every host (and every resume) tokenises with.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
-      logging.info('training a WordPiece vocabulary of %d tokens', config.data.vocab_size)
-      tokenizer_lib.save(tokenizer_lib.train_wordpiece(documents, config.data.vocab_size), workdir)
+      tokenizer_lib.save(train_tokenizer(config, workdir, documents), workdir)
     multihost_utils.sync_global_devices('posjax tokenizer written')
     if not os.path.exists(saved):
       raise ConfigError(f'{saved} (written by process 0) is not visible to process {jax.process_index()}: a '
                         'multi-host run needs a shared workdir, or set data.tokenizer')
     return tokenizer_lib.load(saved)
   else:
-    logging.info('training a WordPiece vocabulary of %d tokens', config.data.vocab_size)
-    tok = tokenizer_lib.train_wordpiece(documents, config.data.vocab_size)
+    tok = train_tokenizer(config, workdir, documents)
   if jax.process_index() == 0:
     tokenizer_lib.save(tok, workdir)
   return tok
 
 
-def build_data(config, workdir: str):
-  """(train MLMBatches, eval MLMBatches, vocab size, specials), logging the corpus statistics."""
-  corpus = corpus_lib.load(config.data.files, config.data.text_field)
+@dataclasses.dataclass(frozen=True)
+class Data:
+  train: Any  # grain MapDataset: element s is this process's rows of global batch s
+  eval: pipeline.MLMBatches
+  max_predictions: int
+  vocab_size: int
+  specials: pretrain.Specials
+
+
+def build_data(config, workdir: str) -> Data:
+  """Documents (a prepared tfds dataset) -> tokenizer -> packed examples -> the grain pipeline; logs the
+  statistics: documents, tokens, examples per epoch, what was skipped and why."""
+  corpus = sources.load(config.data, workdir)
   logging.info('%s', corpus.summary())
   held_out = np.random.default_rng([config.seed, 3]).random(len(corpus.documents)) < config.data.eval_fraction
   if held_out.all() or not held_out.any():  # tiny corpora: keep at least one document on each side
@@ -87,25 +116,22 @@ def build_data(config, workdir: str):
   tok = tokenizer_for(config, workdir, train_docs)
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
   vocab = tok.get_vocab_size()
-  encode = lambda docs: [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]  # noqa: E731
   task = {'mlm+nsp': 'nsp', 'mlm+sop': 'sop'}.get(config.objective)
-  if task:
-    build = lambda docs, seed: pretrain.pack_pairs(encode(docs), config.data.seq_len, specials, seed, task)  # noqa
-  else:
-    build = lambda docs, seed: {'ids': pretrain.pack(encode(docs), config.data.seq_len, specials)}  # noqa
-  train_x = build(train_docs, config.seed)
-  eval_x = build(eval_docs, config.seed + 1) if eval_docs else {k: v[:0] for k, v in train_x.items()}
-  if len(eval_x['ids']) == 0:
-    eval_x = {k: v[-config.batch_size:] for k, v in train_x.items()}
+  seq_len = config.data.seq_len
+  train_x = pipeline.build_examples(train_docs, tok, seq_len, specials, task, config.seed)
+  eval_fields = pipeline.build_examples(eval_docs, tok, seq_len, specials, task, config.seed + 1).fields
+  if len(eval_fields['ids']) == 0:
+    eval_fields = {k: v[-config.batch_size:] for k, v in train_x.fields.items()}
     logging.warning('held-out documents gave no sequence; evaluating on %d training sequences',
-                    len(eval_x['ids']))
-  logging.info('vocabulary %d; %d training and %d eval sequences of %d tokens%s; %d tokens per epoch', vocab,
-               len(train_x['ids']), len(eval_x['ids']), config.data.seq_len,
-               f' ({task} pairs)' if task else '', int((train_x['ids'] != specials.pad).sum()))
-  num = dict(specials=specials, vocab_size=vocab, seed=config.seed, mask_prob=config.data.mask_prob,
-             max_predictions=config.data.max_predictions or None)
-  return (pretrain.MLMBatches(train_x, config.batch_size, **num),
-          pretrain.MLMBatches(eval_x, config.batch_size, **num), vocab, specials)
+                    len(eval_fields['ids']))
+  logging.info('train (%d documents): %s%s; eval: %d examples; vocabulary %d', len(train_docs),
+               train_x.summary(seq_len), f' ({task} pairs)' if task else '', len(eval_fields['ids']), vocab)
+  continuation = pipeline.word_continuations(tok) if config.data.whole_word_masking else None
+  masking = pipeline.Masking(specials, vocab, config.data.mask_prob, config.data.max_predictions, continuation)
+  train = pipeline.train_dataset(train_x.fields, config.batch_size, config.seed, masking)
+  eval_data = pipeline.MLMBatches(eval_fields, config.batch_size, specials, vocab, config.seed,
+                                  config.data.mask_prob, config.data.max_predictions or None, continuation)
+  return Data(train, eval_data, eval_data.max_predictions, vocab, specials)
 
 
 # model.vocab_size 0 follows the tokenizer, rounded up: a trained vocabulary has any size (8141, say), and the
@@ -165,8 +191,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   distributed.initialize(config)  # before anything touches a device
   os.makedirs(workdir, exist_ok=True)
   ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': 1})  # bad model fields fail before data
-  train_data, eval_data, vocab, specials = build_data(config, workdir)
-  mcfg = model_config(config, vocab)
+  data = build_data(config, workdir)
+  mcfg = model_config(config, data.vocab_size)
+  specials = data.specials
   objective = steps.make_objective(config, mcfg, forbidden_ids=(specials.pad, specials.cls, specials.sep))
   tx = optimizer.make(config)
   lr = optimizer.schedule(config)
@@ -174,7 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    setup = sharded_steps(config, objective, tx, lr, mesh, train_data.max_predictions)
+    setup = sharded_steps(config, objective, tx, lr, mesh, data.max_predictions)
     state_shardings, batch_shard = setup.state_shardings, setup.batch_sharding
     train_step, eval_step = setup.train_step, setup.eval_step
 
@@ -182,8 +209,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Compute dtype and remat policy leave the parameters as they are: a run may resume with others.
     model_meta = {**{k: v for k, v in mcfg.to_dict().items() if k not in ('dtype', 'remat_policy')},
                   'objective': config.objective}
+    train_iter = pipeline.iterator(data.train, config.data.worker_count)
     state, _ = checkpoint.restore_latest(
-        mngr, checkpoint.abstract_with_shardings(setup.abstract_state, state_shardings), model_meta, workdir)
+        mngr, checkpoint.abstract_with_shardings(setup.abstract_state, state_shardings), model_meta, workdir,
+        data=train_iter)
     if state is None:
       state = setup.init()
       logging.info('initialised %s parameters', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
@@ -197,21 +226,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def evaluate(params):
       sums, n = {}, 0
-      for b in eval_data.eval_batches(config.eval_batches):
+      for b in data.eval.eval_batches(config.eval_batches):
         m = jax.device_get(eval_step(params, sharding.global_batch(sharding.process_rows(b), batch_shard)))
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
         n += 1
       return {f'eval_{k}': v / max(n, 1) for k, v in sums.items()}
 
     def step_fn(state, step):
-      return train_step(state, sharding.global_batch(sharding.process_rows(train_data.batch(step)),
-                                                     batch_shard))
+      del step  # the iterator stands at it: restored with the checkpoint
+      return train_step(state, sharding.global_batch(next(train_iter), batch_shard))
 
     with preemption.StopRequest() as stop:
-      last = _loop(config, state, start, step_fn, evaluate, writer, progress, mngr, meta, stop)
+      last = _loop(config, state, start, step_fn, evaluate, writer, progress, mngr, meta, stop, train_iter)
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
+    train_iter.close()  # stops its prefetch thread and worker processes
   return last
 
 
@@ -230,9 +260,10 @@ def _check_finite(config, metrics_per_step, first_step, mngr):
           "; set --config.nonfinite=skip to skip such updates instead")
 
 
-def _loop(config, state, start, step_fn, evaluate, writer, progress, mngr, meta, stop):
+def _loop(config, state, start, step_fn, evaluate, writer, progress, mngr, meta, stop, data=None):
   """Steps `start`..num_train_steps with logging, eval and checkpoints; on SIGTERM, a checkpoint at the
-  current step and an early return. Returns the last logged metrics."""
+  current step and an early return. `data`, the training iterator, is saved with each checkpoint. Returns
+  the last logged metrics."""
   last, pending = {}, []
   for step in range(start, config.num_train_steps):
     state, m = step_fn(state, step)
@@ -261,7 +292,7 @@ def _loop(config, state, start, step_fn, evaluate, writer, progress, mngr, meta,
       last.update(ev)
       logging.info('step %d eval: loss %.4f, accuracy %.3f', done, ev['eval_loss'], ev['eval_accuracy'])
     if save:
-      checkpoint.save(mngr, done, state, meta)
+      checkpoint.save(mngr, done, state, meta, data)
     if stopping:
       mngr.wait_until_finished()
       logging.warning('SIGTERM received: wrote the checkpoint at step %d and stopped; rerun the same command to '

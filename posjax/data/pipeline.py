@@ -1,0 +1,186 @@
+"""The pretraining input pipeline: documents -> batched tokenisation -> packed examples -> grain.
+
+    examples = build_examples(documents, tokenizer, seq_len, specials, task=None, seed=0)
+    train = train_dataset(examples.fields, batch_size, seed, masking)  # grain MapDataset of local batches
+    it = iterator(train, worker_count)  # its get_state() goes into the orbax checkpoint
+
+Order and masks are fixed by the seed alone. The global example order is a seeded permutation per epoch
+(grain `shuffle` then `repeat`), masks are drawn per example from a generator keyed by the seed and the
+example's position in that endless stream (`random_map`), so they are fresh every epoch. Global batch `s` is
+stream positions `s*B .. s*B+B-1`; process `i` of `n` reads the i-th of its n slices (grain `ShardOptions`
+of `jax.process_index()` / `process_count()` over local batches), so the global batch, and so training, is
+the same for any number of processes, and each reads and masks only its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+import grain
+import numpy as np
+
+from posjax.data import pretrain
+from posjax.errors import ConfigError
+
+ENCODE_CHUNK = 1024  # documents per encode_batch call: bounded memory, still parallel in the Rust tokenizer
+
+
+@dataclasses.dataclass
+class Examples:
+  fields: dict  # ids (NxL) and, for sentence pairs, type_ids (NxL) and sentence_labels (N)
+  tokens: int  # real tokens of the documents
+  long_documents: int  # documents longer than one sequence (split over several examples)
+  short_tails: int  # document ends under 8 tokens that made no example of their own
+
+  def summary(self, seq_len: int) -> str:
+    return (f'{self.tokens} tokens; {len(self.fields["ids"])} examples of {seq_len} tokens per epoch; '
+            f'{self.long_documents} documents longer than a sequence split over several; {self.short_tails} '
+            'document ends under 8 tokens dropped')
+
+
+def encode(tokenizer, documents) -> list[list[int]]:
+  """Token ids of `documents`, tokenised in batches (HF tokenizers parallelises each batch)."""
+  out = []
+  for start in range(0, len(documents), ENCODE_CHUNK):
+    out.extend(e.ids for e in tokenizer.encode_batch(documents[start:start + ENCODE_CHUNK],
+                                                     add_special_tokens=False))
+  return out
+
+
+def build_examples(documents, tokenizer, seq_len: int, specials: pretrain.Specials, task: str | None = None,
+                   seed: int = 0) -> Examples:
+  """Packed examples: `[CLS] chunk [SEP]`, or sentence pairs when `task` is 'nsp' or 'sop'."""
+  ids = encode(tokenizer, documents)
+  body = seq_len - (3 if task else 2)
+  lengths = np.array([len(t) for t in ids], np.int64)
+  if task:
+    fields = pretrain.pack_pairs(ids, seq_len, specials, seed, task)
+  else:
+    fields = {'ids': pretrain.pack(ids, seq_len, specials)}
+  tails = lengths % body
+  short = int(((tails > 0) & (tails < 8)).sum())
+  return Examples(fields, int(lengths.sum()), int((lengths > body).sum()), short)
+
+
+@dataclasses.dataclass(frozen=True)
+class Masking:
+  specials: pretrain.Specials
+  vocab_size: int
+  mask_prob: float = 0.15
+  max_predictions: int = 0  # 0: ceil(seq_len * mask_prob)
+  # For whole-word masking: True at the ids of tokens that continue a word (WordPiece's `##x`).
+  continuation: np.ndarray | None = None
+
+
+class _Mask:
+  """BERT masking of one example, its randomness from grain's per-position generator."""
+
+  def __init__(self, masking: Masking, max_predictions: int):
+    self.masking = masking
+    self.max_predictions = max_predictions
+
+  def __call__(self, example, rng):
+    m = self.masking
+    out = pretrain.mask_tokens(example['ids'][None], rng, m.specials, m.vocab_size, m.mask_prob,
+                               self.max_predictions, m.continuation)
+    out = {k: v[0] for k, v in out.items()}
+    out.update({k: v for k, v in example.items() if k != 'ids'})
+    return out
+
+
+class _Row:
+  """Example `i` of the packed arrays (a class, not a lambda: worker processes get it pickled)."""
+
+  def __init__(self, fields):
+    self.fields = fields
+
+  def __call__(self, i):
+    return {k: v[i] for k, v in self.fields.items()}
+
+
+def _rows(fields):
+  return grain.MapDataset.range(len(fields['ids'])).map(_Row(fields))
+
+
+def max_predictions_for(seq_len: int, masking: Masking) -> int:
+  return masking.max_predictions or max(1, int(np.ceil(seq_len * masking.mask_prob)))
+
+
+def train_dataset(fields, batch_size: int, seed: int, masking: Masking,
+                  shard: grain.sharding.ShardOptions | None = None) -> grain.MapDataset:
+  """This process's batches, endless: element `s` is its rows of global batch `s`."""
+  if len(fields['ids']) == 0:
+    raise ConfigError('no training sequences: the corpus produced no sequence of at least 8 tokens')
+  shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  if batch_size % shard.shard_count:
+    raise ConfigError(f'batch_size ({batch_size}) must be divisible by the number of processes '
+                      f'({shard.shard_count})')
+  mask = _Mask(masking, max_predictions_for(fields['ids'].shape[1], masking))
+  stream = _rows(fields).shuffle(seed=seed).repeat(None).random_map(mask, seed=seed)
+  local = stream.batch(batch_size // shard.shard_count, drop_remainder=True)
+  return local[shard.shard_index::shard.shard_count]
+
+
+def iterator(dataset: grain.MapDataset, worker_count: int = 0, prefetch: int = 4):
+  """A checkpointable iterator (`get_state` / `set_state`) that prepares `prefetch` batches ahead in a
+  thread; `worker_count` > 0 masks and batches in that many worker processes instead."""
+  # grain's default reads 500 elements ahead in 16 threads: here an element is a whole batch.
+  it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+  if worker_count:
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside `app.run`, the defaults
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(it)
+
+
+class MLMBatches:
+  """Masked batches of packed examples: the global train batch of any step (random access into
+  `train_dataset` of one process), and eval batches with fixed masks.
+
+  `examples` is an NxL id array, or a dict of per-example arrays with `ids` (NxL) and optionally `type_ids`
+  (NxL) and `sentence_labels` (N), which are carried into the batches unchanged.
+  """
+
+  def __init__(self, examples, batch_size: int, specials: pretrain.Specials, vocab_size: int, seed: int,
+               mask_prob: float = 0.15, max_predictions: int | None = None, continuation=None):
+    self.fields = examples if isinstance(examples, dict) else {'ids': examples}
+    self.batch_size = batch_size
+    self.seed = seed
+    self.masking = Masking(specials, vocab_size, mask_prob, max_predictions or 0, continuation)
+    self.max_predictions = max_predictions_for(self.fields['ids'].shape[1], self.masking)
+    self.dataset = train_dataset(self.fields, batch_size, seed, self.masking,
+                                 grain.sharding.NoSharding())
+
+  def __len__(self):
+    return len(self.fields['ids'])
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    return self.dataset[step]
+
+  def eval_batches(self, max_batches: int):
+    """Fixed masks (seeded once) over the first `max_batches` full batches, for comparable eval numbers."""
+    rng = np.random.default_rng([self.seed, 2])
+    n = len(self)
+    b = min(self.batch_size, n)
+    m = self.masking
+    for start in range(0, min(n, max_batches * b), b):
+      if start + b > n:  # keep shapes static for the jitted eval step
+        break
+      idx = np.arange(start, start + b)
+      batch = pretrain.mask_tokens(self.fields['ids'][idx], rng, m.specials, m.vocab_size, m.mask_prob,
+                                   self.max_predictions, m.continuation)
+      batch.update({k: v[idx] for k, v in self.fields.items() if k != 'ids'})
+      yield batch
+
+
+def word_continuations(tokenizer) -> np.ndarray:
+  """True at the ids of tokens that continue a word: WordPiece's `##x`, or, in SentencePiece vocabularies,
+  pieces that do not start with the word marker `▁`."""
+  vocab = tokenizer.get_vocab()
+  out = np.zeros(max(vocab.values()) + 1, bool)
+  sentencepiece = any(t.startswith('▁') for t in vocab)
+  for token, i in vocab.items():
+    out[i] = (not token.startswith('▁') and not (token.startswith('[') or token.startswith('<'))
+              if sentencepiece else token.startswith('##'))
+  return out

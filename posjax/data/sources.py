@@ -1,0 +1,209 @@
+"""Document sources as prepared tfds datasets, read by random access (ArrayRecord, no TensorFlow).
+
+Every source goes through the same path: a tfds dataset in a data dir, read by random access.
+- `files`: local corpora (txt / jsonl / tsv, gzip or not, globs) are turned into the dataset `local_corpus`
+  by the builder below, one builder config per content: the files' bytes and the text field name the config,
+  so an unchanged corpus is prepared once and reused, and an edited one is prepared anew.
+- `default`: the offline default corpus (posjax.data.corpus), prepared the same way, keyed by the Python
+  version whose documentation it is.
+- `tfds`: any catalog dataset by name and text feature, prepared beforehand (`python -m posjax.data.prepare`),
+  never downloaded at run time.
+Skipped records and why are kept in the prepared dataset's metadata, so a reused dataset reports them too.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import sys
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from posjax.data import corpus as corpus_lib
+from posjax.errors import ConfigError
+
+SOURCES = ('default', 'files', 'tfds')
+
+
+class LocalCorpusConfig(tfds.core.BuilderConfig):
+  """`paths` empty: the default corpus. The config name is a digest of the content."""
+
+  def __init__(self, *, paths=(), text_field='text', **kwargs):
+    super().__init__(**kwargs)
+    self.paths = tuple(paths)
+    self.text_field = text_field
+
+
+class LocalCorpus(tfds.core.GeneratorBasedBuilder):
+  """Documents (feature `text`) of local files or of the default corpus, in file order, one split `train`."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'HTML tags removed, documents cut to corpus.MAX_DOC_CHARS characters.'}
+  # tfds looks for checksums and metadata files beside a builder's source (its catalog's layout), through
+  # `importlib_resources`, which is not installed; ours has no such files.
+  code_path = None
+
+  def _info(self):
+    # DatasetInfo directly, not dataset_info_from_configs: that one reads metadata files beside the builder's
+    # source, which tfds only has for its own catalog.
+    return tfds.core.DatasetInfo(
+        builder=self, description='Local documents for MLM pretraining.',
+        features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
+        metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True)  # documents stay in reading order; the loader shuffles anyway
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    skipped = collections.Counter()
+    if self.builder_config.paths:
+      docs = corpus_lib.iter_documents(list(self.builder_config.paths), self.builder_config.text_field, skipped)
+    else:
+      c = corpus_lib.default_corpus()
+      docs, skipped = c.documents, c.skipped
+    n = 0
+    for n, doc in enumerate(docs, 1):
+      yield n, {'text': doc}
+    # Written with the dataset info once generation ends.
+    self.info.metadata['skipped'] = dict(skipped)
+    self.info.metadata['files'] = [os.path.abspath(p) for p in self.builder_config.paths]
+    if not n:
+      raise ConfigError(f'data.files: no usable text in {", ".join(self.builder_config.paths)} (skipped: '
+                        f'{_why(skipped)})')
+
+
+def _why(skipped) -> str:
+  return ', '.join(f'{n} {why}' for why, n in sorted(skipped.items())) or 'none'
+
+
+def _content_name(paths, text_field: str) -> str:
+  h = hashlib.sha256(text_field.encode())
+  for path in paths:
+    with open(path, 'rb') as f:
+      while chunk := f.read(1 << 20):
+        h.update(chunk)
+    h.update(b'\0')  # file boundaries matter: a document never spans two files
+  return 'files_' + h.hexdigest()[:20]
+
+
+def local_corpus_builder(files: str, text_field: str, data_dir: str) -> LocalCorpus:
+  """The builder of `files` (glob patterns; empty: the default corpus), its config named by content."""
+  if files:
+    paths = corpus_lib.expand(files)
+    name, description = _content_name(paths, text_field), f'{len(paths)} file(s): {", ".join(paths[:3])}'
+  else:
+    paths, description = (), 'default corpus (pydoc_data topics + stdlib docstrings)'
+    name = 'default_py' + '_'.join(map(str, sys.version_info[:3]))
+  config = LocalCorpusConfig(name=name, description=description, paths=paths, text_field=text_field)
+  return LocalCorpus(config=config, data_dir=data_dir, file_format='array_record')
+
+
+def prepare_local(files: str, text_field: str, data_dir: str) -> LocalCorpus:
+  """The prepared builder of `files`; on several hosts, process 0 prepares it and the others wait."""
+  builder = local_corpus_builder(files, text_field, data_dir)
+  if not builder.is_prepared() and jax.process_index() == 0:
+    tfds.disable_progress_bar()
+    try:
+      builder.download_and_prepare()
+    except ConfigError:
+      raise
+    except (OSError, ValueError, RuntimeError):
+      # Another run preparing the same content into the same data dir may have won the race to publish it.
+      builder = local_corpus_builder(files, text_field, data_dir)
+      if not builder.is_prepared():
+        raise
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('posjax local corpus prepared')
+    builder = local_corpus_builder(files, text_field, data_dir)
+    if not builder.is_prepared():
+      raise ConfigError(f'data.data_dir: {data_dir} (prepared by process 0) is not visible to process '
+                        f'{jax.process_index()}: a multi-host run needs a shared data dir')
+  return builder
+
+
+def default_data_dir(workdir: str) -> str:
+  return os.environ.get('TFDS_DATA_DIR') or os.path.join(workdir, 'tensorflow_datasets')
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+  return (f"prepare it with `python -m posjax.data.prepare --tfds_name={name} --data_dir={data_dir} "
+          "--manual_dir=DIR` (DIR holding the files the dataset's builder asks for), or train on local files: "
+          f"`--config.data.source=files --config.data.files='GLOB'`")
+
+
+def open_tfds(name: str, split: str, data_dir: str):
+  """The random-access source of a prepared catalog dataset (ArrayRecord): `tfds.data_source` with
+  download=False, with its two failure modes (not prepared, prepared as TFRecord) turned into clear errors."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ConfigError(f'data.tfds_name: {name!r} is neither in the tfds catalog nor prepared in {data_dir} '
+                      f'({str(e).splitlines()[0]}); {_prepare_hint(name, data_dir)}') from None
+  if not builder.is_prepared():
+    raise ConfigError(f'data.tfds_name: {name!r} is not prepared in {data_dir} and is never downloaded at run '
+                      f'time; {_prepare_hint(name, data_dir)}')
+  if split not in builder.info.splits:
+    raise ConfigError(f'data.tfds_split: {split!r} is not a split of {name} (splits: '
+                      f'{", ".join(builder.info.splits)})')
+  try:
+    return builder.as_data_source(split=split)
+  except NotImplementedError:
+    raise ConfigError(f'data.tfds_name: {name!r} in {data_dir} was prepared as {builder.info.file_format}, '
+                      'which has no random access; prepare it again with `python -m posjax.data.prepare '
+                      f'--tfds_name={name} --data_dir=NEW_DIR` (ArrayRecord)') from None
+
+
+def _texts(source, feature: str, where: str):
+  """The text feature of every record as str, in record order, with what had to be skipped."""
+  skipped = collections.Counter()
+  n = len(source)
+  docs = []
+  for start in range(0, n, 1024):
+    for record in source.__getitems__(range(start, min(n, start + 1024))):
+      if feature not in record:
+        raise ConfigError(f'data.text_feature: {where} has no feature {feature!r} (features: '
+                          f'{", ".join(sorted(record))})')
+      text = record[feature]
+      if isinstance(text, (bytes, np.bytes_)):
+        try:
+          text = bytes(text).decode('utf-8')
+        except UnicodeDecodeError:
+          skipped['records that are not valid UTF-8'] += 1
+          continue
+      if not isinstance(text, str):
+        raise ConfigError(f'data.text_feature: {feature!r} of {where} is not text ({type(text).__name__})')
+      doc = corpus_lib.clean(text, skipped)
+      if doc is not None:
+        docs.append(doc)
+  return docs, skipped
+
+
+def load(data, workdir: str) -> corpus_lib.Corpus:
+  """The configured documents (`data`: the config's data fields) through a prepared tfds dataset."""
+  if data.source not in SOURCES:
+    raise ConfigError(f'data.source {data.source!r} is not one of {", ".join(SOURCES)}')
+  data_dir = data.data_dir or default_data_dir(workdir)
+  if data.source == 'tfds':
+    if not data.tfds_name:
+      raise ConfigError('data.tfds_name is empty; data.source=tfds needs a catalog name like imdb_reviews')
+    source = open_tfds(data.tfds_name, data.tfds_split, data_dir)
+    docs, skipped = _texts(source, data.text_feature, f'{data.tfds_name}[{data.tfds_split}]')
+    what = f'tfds {data.tfds_name}[{data.tfds_split}] feature {data.text_feature!r} in {data_dir}'
+  else:
+    if data.source == 'files' and not data.files:
+      raise ConfigError('data.files is empty; data.source=files needs glob pattern(s)')
+    files = data.files  # source 'default' with files set reads them, as data.files always did
+    builder = prepare_local(files, data.text_field, data_dir)
+    docs, skipped = _texts(builder.as_data_source(split='train'), 'text', builder.name)
+    skipped.update(builder.info.metadata.get('skipped', {}))
+    what = f'{builder.builder_config.description} (tfds {builder.info.full_name} in {data_dir})'
+  c = corpus_lib.Corpus(docs, what, skipped)
+  if not docs:
+    raise ConfigError(f'data.source={data.source}: no usable text ({c.summary()})')
+  return c
