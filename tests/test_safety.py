@@ -29,6 +29,9 @@ def dotted(node):
   return node.id if isinstance(node, ast.Name) else None
 
 
+PREPARERS = (os.path.join('posjax', 'data', 'prepare.py'), os.path.join('posjax', 'data', 'sources.py'))
+
+
 def problems(source: str, where: str) -> list[str]:
   found = []
   for node in ast.walk(ast.parse(source)):
@@ -47,16 +50,22 @@ def problems(source: str, where: str) -> list[str]:
         found.append(f'{where}:{node.lineno}: torch.load without weights_only=True')
       if name.endswith('from_pretrained') and keyword(node, 'local_files_only') is not True:
         found.append(f'{where}:{node.lineno}: from_pretrained without local_files_only=True')
+      # (tfds.builder only constructs: nothing is fetched before download_and_prepare, which posjax calls in
+      # two places: prepare.py, the command a user runs to prepare a dataset, and sources.py, on its own
+      # local-files builder, which reads nothing but those files.)
       if name.startswith('tfds.') and keyword(node, 'download') not in (False,) and name.split('.')[-1] in (
-          'load', 'data_source', 'builder', 'download_and_prepare'):
+          'load', 'data_source'):
         found.append(f'{where}:{node.lineno}: {name} without download=False')
+      if name.endswith('download_and_prepare') and where not in PREPARERS:
+        found.append(f'{where}:{node.lineno}: download_and_prepare outside {", ".join(PREPARERS)}')
   return found
 
 
 def test_the_scan_sees_what_it_forbids():
   bad = ('import pickle\nfrom dill import loads\nimport torch\ntorch.load(f)\ntorch.load(f, weights_only=False)\n'
-         'np.load(f, allow_pickle=True)\nm.from_pretrained(d)\ntfds.data_source("imdb")\nimport urllib.request\n')
-  assert len(problems(bad, 'x')) == 8
+         'np.load(f, allow_pickle=True)\nm.from_pretrained(d)\ntfds.data_source("imdb")\nimport urllib.request\n'
+         'b.download_and_prepare()\n')
+  assert len(problems(bad, 'x')) == 9
   good = 'torch.load(f, weights_only=True)\nnp.load(f)\ntfds.data_source("imdb", download=False)\n'
   assert problems(good, 'x') == []
 
