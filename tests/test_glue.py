@@ -150,6 +150,52 @@ def test_tfds_not_prepared_is_a_clear_error(tmp_path):
     data_lib.read(task, task.train, 'tfds', str(tmp_path))
 
 
+# A builder with tfds glue/sst2's features (sentence, label: ClassLabel negative/positive, idx) and splits,
+# preparing GLUE's own TSVs: the tfds reader must give what the TSV reader gives.
+GLUE_SST2_LIKE = """
+import numpy as np
+import tensorflow_datasets as tfds
+
+class TinyGlueSst2(tfds.core.GeneratorBasedBuilder):
+  VERSION = tfds.core.Version('2.0.0')
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "SST-2's train.tsv, dev.tsv, test.tsv"
+  code_path = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'sentence': tfds.features.Text(), 'label': tfds.features.ClassLabel(names=['negative', 'positive']),
+        'idx': np.int32}))
+
+  def _split_generators(self, dl_manager):
+    d = dl_manager.manual_dir
+    return {'train': self._generate_examples(d / 'train.tsv'),
+            'validation': self._generate_examples(d / 'dev.tsv'), 'test': self._generate_examples(d / 'test.tsv')}
+
+  def _generate_examples(self, path):
+    lines = path.read_text().splitlines()
+    header = lines[0].split('\\t')
+    for i, line in enumerate(lines[1:]):
+      cells = dict(zip(header, line.split('\\t')))
+      yield i, {'sentence': cells['sentence'], 'label': int(cells.get('label', -1)), 'idx': i}
+"""
+
+
+def test_tfds_source_reads_what_the_tsv_source_reads(tmp_path):
+  import dataclasses
+  from posjax.data import prepare
+  directory = toy_sst2(tmp_path / 'SST-2')
+  (tmp_path / 'tiny_glue_sst2.py').write_text(GLUE_SST2_LIKE)
+  prepare.prepare_tfds('tiny_glue_sst2', str(tmp_path / 'tfds'), directory, str(tmp_path / 'tiny_glue_sst2.py'))
+  task = dataclasses.replace(tasks.get('sst2'), tfds_name='tiny_glue_sst2')
+  for split, labelled in ((task.train, True), (task.dev[0][1], True), (task.test[0], False)):
+    ours = data_lib.read(task, split, 'tfds', str(tmp_path / 'tfds'), labelled)
+    want = data_lib.read(task, split, 'tsv', directory, labelled)
+    order = np.argsort([int(i) for i in ours.index])  # tfds may shuffle records across its shards
+    assert [ours.texts[0][i] for i in order] == list(want.texts[0]), split.file
+    if labelled:
+      assert [int(ours.labels[i]) for i in order] == [int(x) for x in want.labels], split.file
+
+
 def test_imdb_jsonl_reader(tmp_path):
   task = tasks.get('imdb')
   with gzip.open(tmp_path / 'imdb_train.jsonl.gz', 'wt') as f:

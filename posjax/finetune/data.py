@@ -126,7 +126,13 @@ def read_tfds(task: Task, split: Split, data_dir: str = '', labelled: bool = Tru
       t.append(value.decode('utf-8') if isinstance(value, bytes) else str(value))
     if labelled:
       label = record['label']
-      labels.append(float(label) if task.regression else task.labels.index(names[int(label)]))
+      if task.regression:
+        labels.append(float(label))
+      else:
+        # tfds names GLUE's classes (sst2: negative, positive) where the TSVs write 0 and 1; the class index
+        # is the TSV's number. MNLI, QNLI and RTE spell them alike in both.
+        name = names[int(label)]
+        labels.append(task.labels.index(name if name in task.labels else str(int(label))))
     index.append(str(int(record['idx'])) if 'idx' in record else str(i))
   return Examples(texts, _labels(task, labels) if labelled else None, index)
 
