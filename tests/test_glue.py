@@ -291,7 +291,7 @@ def test_hf_checkpoint_finetunes_writes_submission_and_resumes(tmp_path):
                           **{'data.dir': toy_sst2(tmp_path / 'SST-2')})
   work = str(tmp_path / 'ft')
   first = finetune.finetune_and_evaluate(config, work)
-  assert first['step'] == 100 and first['dev']['dev']['accuracy'] >= 90.0, first
+  assert first['step'] == 100 and first['dev']['dev']['accuracy'] >= 80.0, first  # majority: ~50
   with open(os.path.join(work, 'predictions', 'SST-2.tsv')) as f:
     lines = f.read().splitlines()
   assert lines[0] == 'index\tprediction' and len(lines) == 11
@@ -430,8 +430,8 @@ def test_hf_model_types_fine_tune(tmp_path, kind):
                embedding_size=16, **common))}[kind]()
   model.save_pretrained(tmp_path / 'hf')
   (tmp_path / 'hf' / 'vocab.txt').write_text('\n'.join(WORDS) + '\n')
-  # The random 2-layer ConvBERT needs ~100 steps before its loss starts to fall.
-  config = micro_finetune(init_from=str(tmp_path / 'hf'), num_train_steps=200 if kind == 'convbert' else 100,
+  # Random 2-layer ConvBERT and ELECTRA models need 100-200 steps before their loss starts to fall.
+  config = micro_finetune(init_from=str(tmp_path / 'hf'), num_train_steps=100 if kind == 'albert' else 200,
                           checkpoint_every=1000, **{'data.dir': toy_sst2(tmp_path / 'SST-2')})
   if kind == 'convbert':
     config.layer_decay = 1.0

@@ -103,6 +103,14 @@ def _rows(fields):
   return grain.MapDataset.range(len(fields['ids'])).map(_Row(fields))
 
 
+def labelled_dataset(fields, batch_size: int, seed: int) -> grain.MapDataset:
+  """Batches of `fields` (encoded fine-tuning examples and labels), endless, shuffled afresh every epoch
+  from `seed`; a training set smaller than a batch wraps round."""
+  if len(fields['ids']) == 0:
+    raise ConfigError('no training examples')
+  return _rows(fields).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+
+
 def max_predictions_for(seq_len: int, masking: Masking) -> int:
   return masking.max_predictions or max(1, int(np.ceil(seq_len * masking.mask_prob)))
 

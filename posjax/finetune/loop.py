@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from posjax.data import pipeline
 from posjax.errors import ConfigError, NonFiniteError
 from posjax.finetune import data as data_lib
 from posjax.finetune import extrapolation
@@ -141,16 +142,6 @@ def init_head(shapes, stddev: float, seed: int):
   return jax.tree_util.tree_map_with_path(fresh, shapes)
 
 
-def batch_at(train_x, step: int, batch_size: int, seed: int) -> dict:
-  n = len(train_x['ids'])
-  per_epoch = max(n // batch_size, 1)
-  order = np.random.default_rng([seed, 6, step // per_epoch]).permutation(n)
-  idx = order[(step % per_epoch) * batch_size:][:batch_size]
-  if len(idx) < batch_size:  # a training set smaller than one batch: wrap round
-    idx = np.resize(idx, batch_size)
-  return {k: v[idx] for k, v in train_x.items()}
-
-
 def predict(predict_fn, params, arrays, batch_size: int) -> np.ndarray:
   """Logits for every row, in fixed-size batches (the last padded) so one compilation serves all."""
   n = len(arrays['ids'])
@@ -219,7 +210,9 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
                                     jax.eval_shape(init))
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   meta_model = {**cfg.to_dict(), 'task': task.name, 'num_labels': task.num_labels}
-  state, _ = checkpoint.restore_latest(mngr, abstract, meta_model, workdir)
+  # Batches come from the pretraining input pipeline (grain); its position is saved with every checkpoint.
+  train_iter = pipeline.iterator(pipeline.labelled_dataset(train_x, config.batch_size, config.seed))
+  state, _ = checkpoint.restore_latest(mngr, abstract, meta_model, workdir, data=train_iter)
   if state is None:
     state = jax.device_put(init(), device)
   else:
@@ -244,7 +237,7 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
   pending = []
   with preemption.StopRequest() as stop:
     for step in range(start, total):
-      state, m = train_step(state, batch_at(train_x, step, config.batch_size, config.seed))
+      state, m = train_step(state, next(train_iter))
       pending.append(m)
       done = step + 1
       save = done % config.checkpoint_every == 0 or done == total
@@ -265,15 +258,17 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
         writer.write(done, {f'dev_{n}_{k}': v for n, d in ev.items() for k, v in d.items()})
         logging.info('step %d dev: %s', done, ev)
       if save:
-        checkpoint.save(mngr, done, state, meta)
+        checkpoint.save(mngr, done, state, meta, train_iter)
       if stopping:
         mngr.wait_until_finished()
         logging.warning('SIGTERM received: wrote the checkpoint at step %d and stopped', done)
         mngr.close()
         writer.close()
+        train_iter.close()
         return {'task': task.name, 'step': done, 'stopped': True}
   mngr.wait_until_finished()
   mngr.close()
+  train_iter.close()
 
   dev = evaluate(state.params)
   score = metrics_lib.task_score(task.name, dev)
