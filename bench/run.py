@@ -105,12 +105,18 @@ def bench_posjax(name, config_file, arg, seq_len, batch, dtype, objective='mlm',
   state = jax.jit(lambda: nn.unbox(steps_lib.init_state(objective_, tx, 0, seq_len, p)))()
   fn = jax.jit(lambda s, b: steps_lib.train_step(s, b, objective=objective_, tx=tx,
                                                  lr_schedule=optimizer.schedule(config)), donate_argnums=0)
-  b = jax.device_put(fake_batch(batch, seq_len, p))
+  return _compiled(res, fn, state, fake_batch(batch, seq_len, p))
+
+
+def _compiled(res: Result, fn, state, batch):
+  """Compiles jitted `fn(state, batch)`, recording compile time, FLOPs and peak memory in `res`; returns
+  (res, step callable)."""
+  batch = jax.device_put(batch)
   t = time.perf_counter()
-  compiled = fn.lower(state, b).compile()
+  compiled = fn.lower(state, batch).compile()
   res.compile_s = time.perf_counter() - t
   res.flops, res.peak_bytes = _costs(compiled)
-  return res, _jax_stepper(compiled, state, b)
+  return res, _jax_stepper(compiled, state, batch)
 
 
 def _costs(compiled):
@@ -153,15 +159,21 @@ def paired(base_step, step, n: int):
   return statistics.median(ours), statistics.median(theirs)
 
 
+def hf_bert_config(size_arg, seq_len, **kw):
+  """transformers' BertConfig of posjax BERT `size_arg` (configs/bert.py), dropout off like posjax's here."""
+  import transformers
+  m = load_config('bert', size_arg).model
+  return transformers.BertConfig(vocab_size=VOCAB, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                                 num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                                 max_position_embeddings=max(seq_len, 512), hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0, **kw)
+
+
 def bench_flax_hf(size_arg, seq_len, batch):
   """transformers' FlaxBertForMaskedLM with the same shapes, AdamW and masked-position loss."""
   import transformers
   res = Result('hf-flax FlaxBertForMaskedLM', size_arg, seq_len, batch)
-  m = load_config('bert', size_arg).model
-  hfc = transformers.BertConfig(vocab_size=VOCAB, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-                                num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
-                                max_position_embeddings=max(seq_len, 512), hidden_dropout_prob=0.0,
-                                attention_probs_dropout_prob=0.0)
+  hfc = hf_bert_config(size_arg, seq_len)
   model = transformers.FlaxBertForMaskedLM(hfc, seed=0, _do_init=True)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, weight_decay=0.01))
   state = (model.params, tx.init(model.params))
@@ -180,12 +192,7 @@ def bench_flax_hf(size_arg, seq_len, batch):
     return (optax.apply_updates(params, updates), opt), loss
 
   fn = jax.jit(step, donate_argnums=0)
-  b = jax.device_put(fake_batch(batch, seq_len, p))
-  t = time.perf_counter()
-  compiled = fn.lower(state, b).compile()
-  res.compile_s = time.perf_counter() - t
-  res.flops, res.peak_bytes = _costs(compiled)
-  return res, _jax_stepper(compiled, state, b)
+  return _compiled(res, fn, state, fake_batch(batch, seq_len, p))
 
 
 def bench_torch(size_arg, seq_len, batch, compile_: bool):
@@ -196,11 +203,7 @@ def bench_torch(size_arg, seq_len, batch, compile_: bool):
   res = Result(name, size_arg, seq_len, batch)
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
-  m = load_config('bert', size_arg).model
-  hfc = transformers.BertConfig(vocab_size=VOCAB, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-                                num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
-                                max_position_embeddings=max(seq_len, 512), hidden_dropout_prob=0.0,
-                                attention_probs_dropout_prob=0.0, attn_implementation='sdpa')
+  hfc = hf_bert_config(size_arg, seq_len, attn_implementation='sdpa')
   model = transformers.BertForMaskedLM(hfc).train()
   opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
   b = fake_batch(batch, seq_len, math.ceil(seq_len * 0.15))
