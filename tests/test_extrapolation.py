@@ -99,5 +99,10 @@ def test_cli_on_a_pretraining_workdir(tmp_path, capsys):
   rows = json.loads(out_json.read_text())
   assert [r['length'] for r in rows] == [16, 32] and all(r['tokens'] > 0 for r in rows)
   assert all(np.isfinite(r['loss']) and r['note'] == '' for r in rows)  # t5 buckets: no length limit
+  # The text is the trainer's own held-out half: documents the split put aside, none it trained on.
+  held = extrapolation.held_out_text(meta['config'], str(work))
+  assert held and set(held) <= set(docs) and len(held) < len(docs)
+  from posjax.training import loop
+  assert held == loop.split_documents(docs, 0, 0.5)[1]
   assert extrapolation.main([str(tmp_path / 'nothing')]) == 2
   assert 'not a posjax pretraining workdir' in capsys.readouterr().err

@@ -104,16 +104,18 @@ def evaluate_model(cfg: ModelConfig, params, stream: np.ndarray, specials: pretr
   return rows
 
 
-def held_out_text(config: dict, files: str = '') -> list[str]:
-  """The held-out documents of a run trained with `config` (its own eval split), or those of `files`."""
+def held_out_text(config: dict, workdir: str, files: str = '') -> list[str]:
+  """The held-out documents of the run in `workdir` trained with `config` (the trainer's own source and eval
+  split), or those of `files`."""
   if files:
     return corpus_lib.read_files(files).documents
-  data = config.get('data', {})
-  corpus = corpus_lib.load(data.get('files', ''), data.get('text_field', 'text'))
-  seed = config.get('seed', 0)
-  held = np.random.default_rng([seed, 3]).random(len(corpus.documents)) < data.get('eval_fraction', 0.05)
-  docs = [d for d, h in zip(corpus.documents, held) if h]
-  return docs or corpus.documents[-1:]
+  from posjax.data import sources  # pylint: disable=g-import-not-at-top
+  from posjax.training import defaults, loop  # pylint: disable=g-import-not-at-top
+  data = defaults.pretraining_config(model_type='bert', objective='mlm', small=True,
+                                     model=defaults.model_fields()).data
+  data.update({k: v for k, v in config.get('data', {}).items() if k in data})  # runs of older code lack some
+  corpus = sources.load(data, workdir)
+  return loop.split_documents(corpus.documents, config.get('seed', 0), data.eval_fraction)[1]
 
 
 def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tokens: int = 65536,
@@ -126,7 +128,7 @@ def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tok
     raise ConfigError(f'{workdir}: its checkpoint does not record data.seq_len (the training length)')
   tok = pre.tokenizer
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
-  docs = held_out_text(pre.run_config, files)
+  docs = held_out_text(pre.run_config, workdir, files)
   stream = np.concatenate([np.asarray(e.ids + [specials.sep], np.int32)
                            for e in tok.encode_batch(docs, add_special_tokens=False)])
   cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)

@@ -102,17 +102,21 @@ class Data:
   specials: pretrain.Specials
 
 
+def split_documents(documents, seed: int, eval_fraction: float):
+  """(training, held-out) documents: a seeded draw per document, so later analyses find the same split."""
+  held_out = np.random.default_rng([seed, 3]).random(len(documents)) < eval_fraction
+  if held_out.all() or not held_out.any():  # tiny corpora: keep at least one document on each side
+    held_out = np.zeros(len(documents), bool)
+    held_out[-1] = len(documents) > 1
+  return ([d for d, h in zip(documents, held_out) if not h], [d for d, h in zip(documents, held_out) if h])
+
+
 def build_data(config, workdir: str) -> Data:
   """Documents (a prepared tfds dataset) -> tokenizer -> packed examples -> the grain pipeline; logs the
   statistics: documents, tokens, examples per epoch, what was skipped and why."""
   corpus = sources.load(config.data, workdir)
   logging.info('%s', corpus.summary())
-  held_out = np.random.default_rng([config.seed, 3]).random(len(corpus.documents)) < config.data.eval_fraction
-  if held_out.all() or not held_out.any():  # tiny corpora: keep at least one document on each side
-    held_out = np.zeros(len(corpus.documents), bool)
-    held_out[-1] = len(corpus.documents) > 1
-  train_docs = [d for d, h in zip(corpus.documents, held_out) if not h]
-  eval_docs = [d for d, h in zip(corpus.documents, held_out) if h]
+  train_docs, eval_docs = split_documents(corpus.documents, config.seed, config.data.eval_fraction)
   tok = tokenizer_for(config, workdir, train_docs)
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
   vocab = tok.get_vocab_size()
