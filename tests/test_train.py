@@ -19,15 +19,15 @@ def read_metrics(workdir):
 
 
 def test_loss_falls_and_artifacts_are_written(tmp_path):
-  last = loop.train_and_evaluate(micro_config(num_train_steps=60), str(tmp_path))
+  last = loop.train_and_evaluate(micro_config(num_train_steps=80), str(tmp_path))
   rows = [r for r in read_metrics(tmp_path) if 'loss' in r]
-  assert [r['step'] for r in rows] == list(range(5, 61, 5))
+  assert [r['step'] for r in rows] == list(range(5, 81, 5))
   first, final = rows[0]['loss'], rows[-1]['loss']
-  assert final < first - 0.7, (first, final)  # 60 steps of a micro model: ~6.9 -> ~5.9
+  assert final < first - 1.0, (first, final)
   assert last['eval_loss'] < first
   for name in ('tokenizer.json', 'vocab.txt', 'tensorboard', 'checkpoints'):
     assert os.path.exists(tmp_path / name), name
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['20', '40', '60']
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['40', '60', '80']  # keep_checkpoints=3
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):
