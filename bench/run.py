@@ -376,7 +376,12 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-  args = parse(argv)
+  from posjax.errors import ConfigError
+  try:
+    args = parse(argv)
+  except ConfigError as e:  # an unknown size or variant: one line naming the valid ones
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   report = run(args)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'results.json'), 'w') as f:

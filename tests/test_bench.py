@@ -57,6 +57,14 @@ def test_one_real_measurement_and_unknown_variant():
     bench.parse(['--variants=absolute,nonsense'])
 
 
+def test_bad_arguments_are_one_line(capsys):
+  assert bench.main(['--sizes=huge']) == 2
+  err = capsys.readouterr().err
+  assert "unknown model size 'huge'" in err and 'Traceback' not in err
+  assert bench.main(['--variants=tisaa']) == 2
+  assert "unknown attention variant 'tisaa'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_quick_run_writes_json_and_markdown(tmp_path):
   assert bench.main(['--quick', f'--out={tmp_path}']) == 0

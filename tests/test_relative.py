@@ -339,6 +339,7 @@ def test_options_are_registered_with_defaults():
 @pytest.mark.parametrize('variant,options,hidden,match', [
     ('relative_key', {'max_relative_position': 0}, 32, 'max_relative_position'),
     ('relative_key_query', {'relative_scaled': 'yes'}, 32, 'relative_scaled'),
+    ('relative_key', {'relative_block': 0}, 32, 'relative_block'),
     ('t5', {'t5_num_buckets': 7}, 32, 't5_num_buckets'),
     ('t5', {'t5_num_buckets': 32, 't5_max_distance': 8}, 32, 't5_max_distance'),
     ('rope', {'rope_base': 0.5}, 32, 'rope_base'),
