@@ -70,13 +70,12 @@ class RelativePosition(nn.Module):
     if not isinstance(scaled, bool):
       raise ConfigError(f'relative_scaled must be True (BERT, term / sqrt(Dh)) or False (ALBERT); '
                         f'got {scaled!r}')
-    l, dh = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[3]
+    dh = q_BxLxHxDh.shape[3]
     table_RxDh = self.param('distance_embedding', layers.init(cfg.initializer_range, ('pos', 'kv')),
                             (2 * m - 1, dh), cfg.param_dtype)
     block = cfg.option('relative_block')
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
       raise ConfigError(f'relative_block must be a positive integer (query rows per block); got {block!r}')
-    table_RxDh = jnp.asarray(table_RxDh, cfg.dtype)
     term_BxHxLxL = relative_scores(q_BxLxHxDh, table_RxDh, m, block)
     if self.with_key:
       # k_j . r_{i-j} is, indexed by key j first, k_j . r'_{j-i} with r'_d = r_{-d}: the table reversed.
