@@ -53,3 +53,11 @@ def padded_batch(seed=0, vocab=101):
   ids[mask == 0] = 0
   types = (np.arange(17)[None, :] >= 8).astype(np.int64).repeat(3, 0) * mask
   return ids, mask, types
+
+
+def unmask(batch):
+  """A masked MLM batch's ids with the original tokens put back at its masked positions."""
+  ids = batch['ids'].copy()
+  r, c = np.nonzero(batch['weights'])
+  ids[r, batch['positions'][r, c]] = batch['labels'][r, c]
+  return ids

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers import unmask
 from posjax.data import corpus, pipeline, pretrain, tokenizer
 from posjax.errors import ConfigError
 
@@ -61,13 +62,6 @@ def test_masking_follows_bert_recipe():
   assert abs(frac_mask - 0.8) < 0.03, frac_mask
   assert abs(frac_same - 0.1) < 0.03, frac_same  # random draws rarely equal the original (1/500)
   assert (out['mask'] == (x != 0)).all()
-
-
-def unmask(batch):
-  ids = batch['ids'].copy()
-  r, c = np.nonzero(batch['weights'])
-  ids[r, batch['positions'][r, c]] = batch['labels'][r, c]
-  return ids
 
 
 def test_batches_are_a_function_of_step_and_masks_change_each_epoch():

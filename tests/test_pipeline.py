@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import micro_config
+from helpers import micro_config, unmask
 from posjax.data import pipeline, pretrain, tokenizer
 from posjax.training import loop
 
@@ -74,13 +74,6 @@ def test_two_processes_read_disjoint_halves_of_each_global_batch():
     it = pipeline.iterator(h)
     it.set_state(state)
     assert_same(take(it, 4), expected)
-
-
-def unmask(batch):
-  ids = batch['ids'].copy()
-  r, c = np.nonzero(batch['weights'])
-  ids[r, batch['positions'][r, c]] = batch['labels'][r, c]
-  return ids
 
 
 def test_whole_word_masking_masks_whole_words():
