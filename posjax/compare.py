@@ -85,17 +85,18 @@ def glue_evaluation(task: str, directory: str, overrides: dict | None = None) ->
   return evaluate
 
 
-def _apply(config, overrides: dict, what: str) -> None:
-  for key, value in overrides.items():
-    node, *path = key.split('.')
+def _apply(config, overrides: dict, flag: str) -> None:
+  """Sets dotted fields (`data.seq_len`) of `config`; an unknown one is a ConfigError naming `flag`."""
+  for k, v in overrides.items():
     target = config
-    for part in [node, *path][:-1]:
-      if part not in target:
-        raise ConfigError(f'{what} {key}: no field {part!r}')
-      target = target[part]
-    if key.split('.')[-1] not in target:
-      raise ConfigError(f'{what} {key}: no such field')
-    target[key.split('.')[-1]] = value
+    *path, last = k.split('.')
+    for p in path:
+      if p not in target:
+        raise ConfigError(f'{flag} {k}: unknown config field {p!r}')
+      target = target[p]
+    if last not in target:
+      raise ConfigError(f'{flag} {k}: unknown config field {last!r}; fields here: {", ".join(sorted(target))}')
+    target[last] = v
 
 
 def make_config(size: str, variant: str, steps: int, seed: int = 0, overrides: dict | None = None):
@@ -117,16 +118,7 @@ def make_config(size: str, variant: str, steps: int, seed: int = 0, overrides: d
   c.eval_every = steps
   c.checkpoint_every = steps
   c.keep_checkpoints = 1
-  for k, v in {**(MICRO if size == 'micro' else {}), **(overrides or {})}.items():
-    target = c
-    *path, last = k.split('.')
-    for p in path:
-      if p not in target:
-        raise ConfigError(f'--set {k}: unknown config field {p!r}')
-      target = target[p]
-    if last not in target:
-      raise ConfigError(f'--set {k}: unknown config field {last!r}; fields here: {", ".join(sorted(target))}')
-    target[last] = v
+  _apply(c, {**(MICRO if size == 'micro' else {}), **(overrides or {})}, '--set')
   return c
 
 
