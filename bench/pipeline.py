@@ -2,18 +2,20 @@
 
     python bench/pipeline.py [--files='corpus/*.jsonl.gz'] [--steps=3] [--batches=200]
 
-On this machine's CPUs: the pipeline (documents -> batched WordPiece tokenisation -> packing, then the grain
-loader's masked batches) and a jitted BERT-base MLM train step (batch 32, sequence 128, vocabulary 30522),
+On this machine's CPUs: the pipeline (the local corpus builder's prepared dataset -> batched WordPiece
+tokenisation into pieces on disk, then the grain loader's examples and masked batches) and a jitted BERT-base MLM train step (batch 32, sequence 128, vocabulary 30522),
 each timed in the same process. The pipeline must be at least 5x faster than the step. Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -25,30 +27,36 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from posjax.config import ModelConfig  # noqa: E402
-from posjax.data import corpus, pipeline, pretrain, tokenizer  # noqa: E402
+from posjax.data import pieces, pipeline, pretrain, sources, tokenizer  # noqa: E402
 from posjax.models import Bert  # noqa: E402
-from posjax.training import steps  # noqa: E402
+from posjax.training import defaults, steps  # noqa: E402
 
 BATCH, SEQ_LEN = 32, 128
 
 
-def bench_pipeline(documents, batches: int, worker_count: int):
-  tok = tokenizer.train_wordpiece(documents, 8192)
-  specials = pretrain.Specials.from_tokenizer_ids(tokenizer.special_ids(tok))
-  t = time.perf_counter()
-  examples = pipeline.build_examples(documents, tok, SEQ_LEN, specials)
-  prepare_s = time.perf_counter() - t
-  masking = pipeline.Masking(specials, tok.get_vocab_size())
-  ds = pipeline.train_dataset(examples.fields, BATCH, 0, masking, grain.sharding.NoSharding())
-  it = pipeline.iterator(ds, worker_count)
-  next(it)  # start-up (threads, worker processes) is not throughput
-  t = time.perf_counter()
-  for _ in range(batches):
-    batch = next(it)
-  load_s = time.perf_counter() - t
-  n = len(examples.fields['ids'])
-  return {'documents': len(documents), 'examples': n, 'tokenize_and_pack_examples_per_s': n / prepare_s,
-          'loader_examples_per_s': batches * BATCH / load_s,
+def bench_pipeline(data, batches: int, worker_count: int, task: str | None):
+  with tempfile.TemporaryDirectory() as work:
+    data.data_dir = os.path.join(work, 'tfds')
+    documents = sources.open_documents(data, work)  # the local corpus builder's ArrayRecord dataset
+    held_out = sources.held_out(len(documents), 0, 0.05)
+    tok = tokenizer.train_wordpiece(documents.iter_texts(np.flatnonzero(~held_out), collections.Counter()), 8192)
+    specials = pretrain.Specials.from_tokenizer_ids(tokenizer.special_ids(tok))
+    t = time.perf_counter()
+    stats = pieces.prepare(documents, held_out, tok, pretrain.body_length(SEQ_LEN, task), os.path.join(work, 'p'))
+    prepare_s = time.perf_counter() - t
+    examples = pipeline.PieceExamples(pieces.Pieces(os.path.join(work, 'p'), 'train'), SEQ_LEN, specials, task)
+    masking = pipeline.Masking(specials, tok.get_vocab_size())
+    ds = pipeline.train_dataset(examples, BATCH, 0, masking, grain.sharding.NoSharding())
+    it = pipeline.iterator(ds, worker_count)
+    next(it)  # start-up (threads, worker processes) is not throughput
+    t = time.perf_counter()
+    for _ in range(batches):
+      batch = next(it)
+    load_s = time.perf_counter() - t
+    it.close()
+  n = len(examples)
+  return {'records': len(documents), 'examples': n, 'tokens': stats['tokens']['train'],
+          'tokenize_examples_per_s': n / prepare_s, 'loader_examples_per_s': batches * BATCH / load_s,
           # A whole epoch, its tokenisation included, over the time it takes.
           'end_to_end_examples_per_s': n / (prepare_s + n / (batches * BATCH / load_s))}, batch
 
@@ -80,9 +88,13 @@ def main():
   p.add_argument('--batches', type=int, default=200)
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--worker_count', type=int, default=0)
+  p.add_argument('--task', default='', choices=('', 'nsp', 'sop'), help='sentence pairs (BERT NSP, ALBERT SOP)')
   args = p.parse_args()
-  docs = corpus.load(args.files, args.text_field).documents
-  out, batch = bench_pipeline(docs, args.batches, args.worker_count)
+  data = defaults.pretraining_config(model_type='bert', objective='mlm', small=True,
+                                     model=defaults.model_fields()).data
+  data.update(source='files' if args.files else 'default', files=args.files, text_field=args.text_field)
+  out, batch = bench_pipeline(data, args.batches, args.worker_count, args.task or None)
+  batch = {k: v for k, v in batch.items() if k not in ('type_ids', 'sentence_labels')}  # the MLM step's inputs
   out.update(bench_step(batch, args.steps))
   out['cpus'] = os.cpu_count()
   out['load_average_1min'] = os.getloadavg()[0]

@@ -61,3 +61,21 @@ def unmask(batch):
   r, c = np.nonzero(batch['weights'])
   ids[r, batch['positions'][r, c]] = batch['labels'][r, c]
   return ids
+
+
+class ListPieces:
+  """posjax.data.pieces.Pieces in memory: the pieces (`pretrain.chunk`) of token-id documents."""
+
+  def __init__(self, docs, body):
+    from posjax.data import pretrain  # pylint: disable=g-import-not-at-top
+    self.body = body
+    self.items = [(d, c) for d, ids in enumerate(docs) for c in pretrain.chunk(ids, body)]
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    return self.items[i][1]
+
+  def document(self, i):
+    return self.items[i][0]

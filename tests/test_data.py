@@ -3,10 +3,11 @@
 import gzip
 import json
 
+import grain
 import numpy as np
 import pytest
 
-from helpers import unmask
+from helpers import ListPieces, unmask
 from posjax.data import corpus, pipeline, pretrain, tokenizer
 from posjax.errors import ConfigError
 
@@ -150,7 +151,7 @@ def test_sentence_pairs(task):
   rng = np.random.default_rng(0)
   # Distinct token ranges per document, increasing within each, so order and origin are visible.
   docs = [np.arange(1000 * d + 5, 1000 * d + 5 + int(rng.integers(20, 60))) for d in range(40)]
-  out = pretrain.pack_pairs(docs, 32, SPECIALS, seed=1, task=task)
+  out = pipeline.PieceExamples(ListPieces(docs, 29), 32, SPECIALS, task).materialise(10_000, seed=1)
   ids, types, labels = out['ids'], out['type_ids'], out['sentence_labels']
   assert len(ids) > 40 and 0.35 < labels.mean() < 0.65
   for row, typ, label in zip(ids, types, labels):
@@ -167,3 +168,17 @@ def test_sentence_pairs(task):
       assert (b[0] == a[-1] + 1) if label == 0 else (a[0] == b[-1] + 1)
     else:
       assert (same_doc and b[0] == a[-1] + 1) if label == 0 else not same_doc
+
+
+@pytest.mark.parametrize('task', ['sop', 'nsp'])
+def test_sentence_pairs_are_drawn_afresh_every_epoch(task):
+  docs = [np.arange(1000 * d + 5, 1000 * d + 65) for d in range(8)]
+  examples = pipeline.PieceExamples(ListPieces(docs, 29), 32, SPECIALS, task)
+  n = len(examples)
+  ds = pipeline.train_dataset(examples, 1, seed=0, masking=pipeline.Masking(SPECIALS, 9000), 
+                              shard=grain.sharding.NoSharding())
+  # Stream positions e*n .. e*n+n-1 are epoch e: the same pieces in a new order, each with a new pair.
+  epochs = [{tuple(unmask(ds[e * n + k])[0]): int(ds[e * n + k]['sentence_labels'][0]) for k in range(n)}
+            for e in range(3)]
+  assert all(len(e) == n for e in epochs)
+  assert len({frozenset(e.items()) for e in epochs}) == 3  # different cuts, swaps and partners per epoch

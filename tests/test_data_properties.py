@@ -7,7 +7,8 @@ import json
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from posjax.data import corpus, pretrain
+from helpers import ListPieces
+from posjax.data import corpus, pipeline, pretrain
 from posjax.errors import ConfigError
 
 SPECIALS = pretrain.Specials(pad=0, unk=1, cls=2, sep=3, mask=4)
@@ -123,8 +124,10 @@ def test_pack_keeps_every_chunk_of_eight_or_more_tokens(docs, seq_len):
 
 @settings(max_examples=40, deadline=None)
 @given(docs=token_lists, seq_len=st.integers(11, 70), seed=st.integers(0, 2**31), task=st.sampled_from(['nsp', 'sop']))
-def test_pack_pairs_frames_two_segments(docs, seq_len, seed, task):
-  out = pretrain.pack_pairs(docs, seq_len, SPECIALS, seed, task)
+def test_pairs_frame_two_segments(docs, seq_len, seed, task):
+  out = pipeline.PieceExamples(ListPieces(docs, seq_len - 3), seq_len, SPECIALS, task).materialise(1000, seed)
+  if 'sentence_labels' not in out:  # no piece at all
+    out.update(type_ids=out['ids'], sentence_labels=np.zeros(0, np.int32))
   n = sum(1 for d in docs for s in range(0, len(d), seq_len - 3) if len(d[s:s + seq_len - 3]) >= 8)
   assert out['ids'].shape == out['type_ids'].shape == (n, seq_len) and out['sentence_labels'].shape == (n,)
   for ids, types in zip(out['ids'], out['type_ids']):

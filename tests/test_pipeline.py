@@ -109,15 +109,47 @@ def test_word_continuations_of_a_wordpiece_vocabulary(tmp_path):
   assert cont.tolist() == [False] * 6 + [True, True, False]
 
 
-def test_build_examples_counts_tokens_and_examples():
-  class Tok:  # whitespace "tokenizer": one id per word
-    def encode_batch(self, docs, add_special_tokens):
-      return [type('E', (), {'ids': [5 + len(w) for w in d.split()]}) for d in docs]
-  docs = ['a ' * 70, 'b ' * 9, 'c ' * 5, 'd ' * 33]  # 70 -> 30+30+10; 9; 5 dropped; 33 -> 30 + 3 (tail dropped)
-  ex = pipeline.build_examples(docs, Tok(), 32, SPECIALS)
-  assert ex.tokens == 117 and len(ex.fields['ids']) == 5
-  assert ex.long_documents == 2 and ex.short_tails == 2
-  assert '5 examples of 32 tokens per epoch' in ex.summary(32)
+class ListSource:  # a tfds data source's interface over records in memory
+  def __init__(self, records):
+    self.records = records
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitems__(self, idx):
+    return [self.records[i] for i in idx]
+
+
+class WordTok:  # whitespace "tokenizer": one id per word
+  def get_vocab_size(self):
+    return 100
+
+  def encode_batch(self, docs, add_special_tokens):
+    return [type('E', (), {'ids': [5 + len(w) for w in d.split()]}) for d in docs]
+
+
+def test_pieces_count_tokens_and_examples_and_are_reused(tmp_path):
+  import collections
+  from posjax.data import pieces, sources
+  # Words -> pieces of 30: 70 -> 30+30+10; 9; 5 (dropped); 33 -> 30 (tail of 3 dropped); a record that is not
+  # UTF-8; the 6th held out.
+  texts = [b'abcdefghi ' * 70, 'abcdefghi ' * 9, 'abcdefghi ' * 5, 'abcdefghi ' * 33, b'\xff\xfe bad' * 9,
+           'abcdefghi ' * 12]
+  docs = sources.Documents(ListSource([{'text': t} for t in texts]), 'text', 'six records', 'test',
+                           collections.Counter({'earlier': 1}))
+  held = np.array([False] * 5 + [True])
+  stats = pieces.prepare(docs, held, WordTok(), 30, str(tmp_path / 'p'))
+  assert stats['tokens'] == {'train': 117, 'eval': 12} and stats['pieces'] == {'train': 5, 'eval': 1}
+  assert stats['long_documents']['train'] == 2 and stats['short_tails']['train'] == 2
+  assert stats['skipped'] == {'earlier': 1, 'records that are not valid UTF-8': 1}
+  assert '5 examples of 32 tokens per epoch' in pieces.summary(stats, 32)
+  train = pieces.Pieces(str(tmp_path / 'p'), 'train')
+  assert [len(train[i]) for i in range(len(train))] == [30, 30, 10, 9, 30]
+  assert [train.document(i) for i in range(len(train))] == [0, 0, 0, 1, 3]
+  assert train[0].dtype == np.int32 and (train[0] == 14).all()
+  # Reused, not rebuilt: a second call returns the stored statistics without reading a record.
+  docs.source.records = None
+  assert pieces.prepare(docs, held, WordTok(), 30, str(tmp_path / 'p')) == stats
 
 
 def test_pretraining_on_imdb_unlabelled_reviews(tmp_path, shared_data, caplog):
@@ -175,3 +207,46 @@ def test_checkpoint_without_data_state_still_resumes(tmp_path, caplog):
   assert 'resumed from the checkpoint at step 5' in caplog.text
   assert 'holds no data iterator state for process_0-of-1.json' in caplog.text
   assert 'unreadable' not in caplog.text
+
+
+def test_two_processes_read_their_halves_of_the_global_batches_and_resume(tmp_path):
+  """jax.distributed with 2 CPU processes: each reads its half of every global batch (NSP pairs and masks
+  included) of a one-process run over the same pieces, and a process's iterator restored from a saved state
+  goes on with exactly the batches it would have read."""
+  import socket
+  import subprocess
+  import sys
+  from posjax.data import corpus
+  tokenizer.save(tokenizer.train_wordpiece(corpus.load('', 'text').documents[:300], 300), str(tmp_path))
+  tok = str(tmp_path / 'tokenizer.json')
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR'))}
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pipeline_worker.py')
+  runs = {'two': [(2, i, port) for i in range(2)], 'one': [(1, 0, 0)]}
+  procs = [(name, i, subprocess.Popen([sys.executable, worker, str(n), str(i), str(p), str(tmp_path / name),
+                                        str(tmp_path / f'{name}{i}.npz'), tok], env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+           for name, args in runs.items() for n, i, p in args]
+  try:
+    for _, _, proc in procs:
+      log, _ = proc.communicate(timeout=300)
+      assert proc.returncode == 0, log[-4000:]
+  finally:
+    for _, _, proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  halves = [np.load(tmp_path / f'two{i}.npz') for i in range(2)]
+  whole = np.load(tmp_path / 'one0.npz')
+  assert [int(h['process_count']) for h in halves] == [2, 2] and int(whole['process_count']) == 1
+  keys = [k for k in whole.files if k.endswith('_0') and not k.startswith('resumed')]
+  assert {k[:-2] for k in keys} >= {'ids', 'positions', 'labels', 'type_ids', 'sentence_labels'}
+  for s in range(6):
+    for k in (k[:-2] for k in keys):
+      a, b, w = halves[0][f'{k}_{s}'], halves[1][f'{k}_{s}'], whole[f'{k}_{s}']
+      assert len(a) == len(b) == len(w) // 2
+      assert np.concatenate([a, b]).tobytes() == w.tobytes(), (k, s)
+      if s >= 3:
+        for h in halves + [whole]:
+          assert h[f'resumed_{k}_{s}'].tobytes() == h[f'{k}_{s}'].tobytes(), (k, s)

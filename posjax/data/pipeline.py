@@ -1,16 +1,16 @@
-"""The pretraining input pipeline: documents -> batched tokenisation -> packed examples -> grain.
+"""The pretraining input pipeline: document pieces on disk -> examples -> masked batches, by grain.
 
-    examples = build_examples(documents, tokenizer, seq_len, specials, task=None, seed=0)
-    train = train_dataset(examples.fields, batch_size, seed, masking)  # grain MapDataset of local batches
+    examples = PieceExamples(pieces.Pieces(directory, 'train'), seq_len, specials, task=None)
+    train = train_dataset(examples, batch_size, seed, masking)  # grain MapDataset of local batches
     it = iterator(train, worker_count)  # its get_state() goes into the orbax checkpoint
 
-Order and masks are fixed by the seed alone. The global example order is a seeded permutation per epoch
-(grain `shuffle` then `repeat`), masks are drawn per example from a generator keyed by the seed and the
-example's position in that endless stream (`random_map`), so they are fresh every epoch. Global batch `s` is
-stream positions `s*B .. s*B+B-1`; process `i` of `n` reads the i-th of its n slices (grain `ShardOptions`
-of `jax.process_index()` / `process_count()` over local batches), so the global batch, and so training, is
-the same for any number of processes, and each reads and masks only its own rows.
-"""
+Order, sentence pairs and masks are fixed by the seed alone. The global example order is a seeded permutation
+per epoch (grain `shuffle` then `repeat`); each example is made (`[CLS] piece [SEP]`, or a sentence pair for
+NSP/SOP) and masked with a generator keyed by the seed and its position in that endless stream (`random_map`),
+so pairs and masks are fresh every epoch. Global batch `s` is stream positions `s*B .. s*B+B-1`; process `i` of
+`n` reads the i-th of its n slices (grain `ShardOptions` of `jax.process_index()` / `process_count()` over
+local batches), so the global batch, and so training, is the same for any number of processes, and each reads,
+makes and masks only its own rows."""
 
 from __future__ import annotations
 
@@ -23,44 +23,59 @@ import numpy as np
 from posjax.data import pretrain
 from posjax.errors import ConfigError
 
-ENCODE_CHUNK = 1024  # documents per encode_batch call: bounded memory, still parallel in the Rust tokenizer
+class Rows:
+  """Examples that are made already: element `i` is row `i` of `fields` (ids NxL, and any per-example
+  arrays: type_ids NxL, sentence_labels N, ...)."""
+
+  def __init__(self, fields):
+    self.fields = fields
+    self.seq_len = fields['ids'].shape[1]
+
+  def __len__(self):
+    return len(self.fields['ids'])
+
+  def example(self, i, rng):
+    del rng  # nothing to draw
+    return {k: v[i] for k, v in self.fields.items()}
 
 
-@dataclasses.dataclass
-class Examples:
-  fields: dict  # ids (NxL) and, for sentence pairs, type_ids (NxL) and sentence_labels (N)
-  tokens: int  # real tokens of the documents
-  long_documents: int  # documents longer than one sequence (split over several examples)
-  short_tails: int  # document ends under 8 tokens that made no example of their own
+class PieceExamples:
+  """Examples made from document pieces (posjax/data/pieces.py) as the stream reads them: `[CLS] piece [SEP]`,
+  or, for `task` 'nsp' / 'sop', a sentence pair (`pretrain.pair`) drawn afresh from each epoch's generator."""
 
-  def summary(self, seq_len: int) -> str:
-    return (f'{self.tokens} tokens; {len(self.fields["ids"])} examples of {seq_len} tokens per epoch; '
-            f'{self.long_documents} documents longer than a sequence split over several; {self.short_tails} '
-            'document ends under 8 tokens dropped')
+  NSP_TRIES = 8  # draws of a piece from another document before the pair stays in order (label 0)
 
+  def __init__(self, pieces, seq_len: int, specials: pretrain.Specials, task: str | None = None):
+    if pieces.body != pretrain.body_length(seq_len, task):
+      raise ValueError(f'pieces of {pieces.body} tokens do not fit sequences of {seq_len} (task {task})')
+    self.pieces, self.seq_len, self.specials, self.task = pieces, seq_len, specials, task
 
-def encode(tokenizer, documents) -> list[list[int]]:
-  """Token ids of `documents`, tokenised in batches (HF tokenizers parallelises each batch)."""
-  out = []
-  for start in range(0, len(documents), ENCODE_CHUNK):
-    out.extend(e.ids for e in tokenizer.encode_batch(documents[start:start + ENCODE_CHUNK],
-                                                     add_special_tokens=False))
-  return out
+  def __len__(self):
+    return len(self.pieces)
 
+  def example(self, i, rng):
+    piece = self.pieces[i]
+    if self.task is None:
+      return {'ids': pretrain.single(piece, self.seq_len, self.specials)}
+    return pretrain.pair(piece, rng, self.task, self.seq_len, self.specials,
+                         other=lambda r: self._foreign(i, r))
 
-def build_examples(documents, tokenizer, seq_len: int, specials: pretrain.Specials, task: str | None = None,
-                   seed: int = 0) -> Examples:
-  """Packed examples: `[CLS] chunk [SEP]`, or sentence pairs when `task` is 'nsp' or 'sop'."""
-  ids = encode(tokenizer, documents)
-  body = seq_len - (3 if task else 2)
-  lengths = np.array([len(t) for t in ids], np.int64)
-  if task:
-    fields = pretrain.pack_pairs(ids, seq_len, specials, seed, task)
-  else:
-    fields = {'ids': pretrain.pack(ids, seq_len, specials)}
-  tails = lengths % body
-  short = int(((tails > 0) & (tails < 8)).sum())
-  return Examples(fields, int(lengths.sum()), int((lengths > body).sum()), short)
+  def _foreign(self, i, rng):
+    n = len(self.pieces)
+    for _ in range(self.NSP_TRIES if n > 1 else 0):
+      j = int(rng.integers(n - 1))
+      j += j >= i
+      if self.pieces.document(j) != self.pieces.document(i):
+        return self.pieces[j]
+    return None
+
+  def materialise(self, count: int, seed: int) -> dict[str, np.ndarray]:
+    """The first `count` examples as arrays (fixed draws from `seed`), e.g. for evaluation."""
+    rng = np.random.default_rng([seed, 5])
+    rows = [self.example(i, rng) for i in range(min(count, len(self)))]
+    if not rows:
+      return {'ids': np.zeros((0, self.seq_len), np.int32)}
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +88,16 @@ class Masking:
   continuation: np.ndarray | None = None
 
 
-class _Mask:
-  """BERT masking of one example, its randomness from grain's per-position generator."""
+class _Make:
+  """Example `i` with BERT masking, the randomness of both from grain's per-position generator."""
 
-  def __init__(self, masking: Masking, max_predictions: int):
+  def __init__(self, examples, masking: Masking, max_predictions: int):
+    self.examples = examples
     self.masking = masking
     self.max_predictions = max_predictions
 
-  def __call__(self, example, rng):
+  def __call__(self, i, rng):
+    example = self.examples.example(i, rng)
     m = self.masking
     out = pretrain.mask_tokens(example['ids'][None], rng, m.specials, m.vocab_size, m.mask_prob,
                                self.max_predictions, m.continuation)
@@ -90,17 +107,13 @@ class _Mask:
 
 
 class _Row:
-  """Example `i` of the packed arrays (a class, not a lambda: worker processes get it pickled)."""
+  """Row `i` of `fields` (a class, not a lambda: worker processes get it pickled)."""
 
   def __init__(self, fields):
-    self.fields = fields
+    self.rows = Rows(fields)
 
   def __call__(self, i):
-    return {k: v[i] for k, v in self.fields.items()}
-
-
-def _rows(fields):
-  return grain.MapDataset.range(len(fields['ids'])).map(_Row(fields))
+    return self.rows.example(i, None)
 
 
 def labelled_dataset(fields, batch_size: int, seed: int) -> grain.MapDataset:
@@ -108,24 +121,27 @@ def labelled_dataset(fields, batch_size: int, seed: int) -> grain.MapDataset:
   from `seed`; a training set smaller than a batch wraps round."""
   if len(fields['ids']) == 0:
     raise ConfigError('no training examples')
-  return _rows(fields).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+  rows = grain.MapDataset.range(len(fields['ids'])).map(_Row(fields))
+  return rows.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
 
 
 def max_predictions_for(seq_len: int, masking: Masking) -> int:
   return masking.max_predictions or max(1, int(np.ceil(seq_len * masking.mask_prob)))
 
 
-def train_dataset(fields, batch_size: int, seed: int, masking: Masking,
+def train_dataset(examples, batch_size: int, seed: int, masking: Masking,
                   shard: grain.sharding.ShardOptions | None = None) -> grain.MapDataset:
-  """This process's batches, endless: element `s` is its rows of global batch `s`."""
-  if len(fields['ids']) == 0:
+  """This process's batches, endless: element `s` is its rows of global batch `s`. `examples`: `Rows`,
+  `PieceExamples`, or a dict of arrays (made into `Rows`)."""
+  examples = Rows(examples) if isinstance(examples, dict) else examples
+  if len(examples) == 0:
     raise ConfigError('no training sequences: the corpus produced no sequence of at least 8 tokens')
   shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
   if batch_size % shard.shard_count:
     raise ConfigError(f'batch_size ({batch_size}) must be divisible by the number of processes '
                       f'({shard.shard_count})')
-  mask = _Mask(masking, max_predictions_for(fields['ids'].shape[1], masking))
-  stream = _rows(fields).shuffle(seed=seed).repeat(None).random_map(mask, seed=seed)
+  make = _Make(examples, masking, max_predictions_for(examples.seq_len, masking))
+  stream = grain.MapDataset.range(len(examples)).shuffle(seed=seed).repeat(None).random_map(make, seed=seed)
   local = stream.batch(batch_size // shard.shard_count, drop_remainder=True)
   return local[shard.shard_index::shard.shard_count]
 

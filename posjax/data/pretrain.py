@@ -25,78 +25,77 @@ class Specials:
     return cls(pad=ids['[PAD]'], cls=ids['[CLS]'], sep=ids['[SEP]'], mask=ids['[MASK]'], unk=ids['[UNK]'])
 
 
-def pack(token_lists, seq_len: int, specials: Specials) -> np.ndarray:
-  """[CLS] chunk [SEP] [PAD]...: each document split into chunks of seq_len-2 tokens; returns int32 NxL.
+MIN_CHUNK = 8  # tokens: a document's last piece shorter than this makes no example of its own
 
-  Chunks never cross documents; the last chunk of a document is kept if it has at least 8 tokens.
-  """
-  if seq_len < 8:
-    raise ConfigError(f'data.seq_len must be at least 8; got {seq_len}')
-  body = seq_len - 2
-  rows = []
-  for ids in token_lists:
-    ids = np.asarray(ids, np.int32)
-    for start in range(0, len(ids), body):
-      chunk = ids[start:start + body]
-      if len(chunk) < 8:
-        continue
-      row = np.full(seq_len, specials.pad, np.int32)
-      row[0] = specials.cls
-      row[1:1 + len(chunk)] = chunk
-      row[1 + len(chunk)] = specials.sep
-      rows.append(row)
+
+def chunk(ids, body: int) -> list[np.ndarray]:
+  """A document's token ids cut into consecutive pieces of `body` tokens; the last is kept if it has at least
+  MIN_CHUNK tokens. Pieces never cross documents."""
+  ids = np.asarray(ids, np.int32)
+  return [ids[s:s + body] for s in range(0, len(ids), body) if min(body, len(ids) - s) >= MIN_CHUNK]
+
+
+def check_length(seq_len: int, task: str | None) -> None:
+  if task not in (None, 'nsp', 'sop'):
+    raise ValueError(f'task must be None, nsp or sop; got {task!r}')
+  least = 11 if task else 8
+  if seq_len < least:
+    raise ConfigError(f'data.seq_len must be at least {least}{" for sentence pairs" if task else ""}; '
+                      f'got {seq_len}')
+
+
+def body_length(seq_len: int, task: str | None) -> int:
+  """Tokens of a document per example: all but [CLS] [SEP] (and a second [SEP] for sentence pairs)."""
+  check_length(seq_len, task)
+  return seq_len - (3 if task else 2)
+
+
+def single(piece: np.ndarray, seq_len: int, specials: Specials) -> np.ndarray:
+  """`[CLS] piece [SEP] [PAD]...` (L,) int32."""
+  row = np.full(seq_len, specials.pad, np.int32)
+  row[0] = specials.cls
+  row[1:1 + len(piece)] = piece
+  row[1 + len(piece)] = specials.sep
+  return row
+
+
+def pack(token_lists, seq_len: int, specials: Specials) -> np.ndarray:
+  """Every document's pieces (`chunk`) as `[CLS] piece [SEP] [PAD]...` rows: int32 NxL."""
+  body = body_length(seq_len, None)
+  rows = [single(c, seq_len, specials) for ids in token_lists for c in chunk(ids, body)]
   return np.stack(rows) if rows else np.zeros((0, seq_len), np.int32)
 
 
-def pack_pairs(token_lists, seq_len: int, specials: Specials, seed: int, task: str) -> dict[str, np.ndarray]:
-  """Sentence-pair examples `[CLS] A [SEP] B [SEP]` for next-sentence or sentence-order prediction.
+def pair(piece: np.ndarray, rng: np.random.Generator, task: str, seq_len: int, specials: Specials,
+         other=None) -> dict[str, np.ndarray]:
+  """A sentence-pair example `[CLS] A [SEP] B [SEP]` of one piece, for next-sentence or sentence-order
+  prediction; the draws come from `rng`, so a fresh one (every epoch) gives a fresh pair.
 
-  Each document is cut into chunks of up to seq_len-3 tokens; a chunk of n >= 8 tokens is split at a random
-  point into consecutive segments A and B. `task='sop'` (ALBERT): with probability 1/2 the two are swapped,
-  label 1 (0: in order). `task='nsp'` (BERT): with probability 1/2 B is replaced by an equally long span of
-  another document, label 1 (0: B follows A). Segments are split at token, not sentence, boundaries.
-  Returns `ids` and `type_ids` (0 for [CLS] A [SEP], 1 for B [SEP]), NxL int32, and `sentence_labels` (N).
+  The piece (at least 2 tokens) is split at a random point into consecutive segments A and B. `task='sop'`
+  (ALBERT): with probability 1/2 the two are swapped, label 1 (0: in order). `task='nsp'` (BERT): with
+  probability 1/2 B is replaced by an equally long span (or all, if shorter) of a piece of another document,
+  `other(rng)`, label 1 (0: B follows A); when `other` finds none (None), the pair stays in order, label 0.
+  Segments are split at token, not sentence, boundaries. Returns `ids` and `type_ids` (0 for [CLS] A [SEP],
+  1 for B [SEP]), (L,) int32, and `sentence_labels` ().
   """
-  if task not in ('nsp', 'sop'):
-    raise ValueError(f'task must be nsp or sop; got {task!r}')
-  if seq_len < 11:
-    raise ConfigError(f'data.seq_len must be at least 11 for sentence pairs; got {seq_len}')
-  rng = np.random.default_rng([seed, 4])
-  docs = [np.asarray(t, np.int32) for t in token_lists]
-  body = seq_len - 3
-  ids, types, labels = [], [], []
-  for d, toks in enumerate(docs):
-    for start in range(0, len(toks), body):
-      chunk = toks[start:start + body]
-      if len(chunk) < 8:
-        continue
-      cut = int(rng.integers(1, len(chunk)))
-      a, b = chunk[:cut], chunk[cut:]
-      label = int(rng.random() < 0.5)
-      if label and task == 'sop':
-        a, b = b, a
-      elif label and task == 'nsp':
-        if len(docs) < 2:
-          label = 0
-        else:
-          o = int(rng.integers(len(docs) - 1))
-          other = docs[o + (o >= d)]
-          at = int(rng.integers(0, max(1, len(other) - len(b) + 1)))
-          b = other[at:at + len(b)] if len(other) else b[:0]
-          if not len(b):
-            b, label = chunk[cut:], 0
-      row = np.full(seq_len, specials.pad, np.int32)
-      typ = np.zeros(seq_len, np.int32)
-      seq = np.concatenate([[specials.cls], a, [specials.sep], b, [specials.sep]])
-      row[:len(seq)] = seq
-      typ[len(a) + 2:len(seq)] = 1
-      ids.append(row)
-      types.append(typ)
-      labels.append(label)
-  if not ids:
-    return {'ids': np.zeros((0, seq_len), np.int32), 'type_ids': np.zeros((0, seq_len), np.int32),
-            'sentence_labels': np.zeros((0,), np.int32)}
-  return {'ids': np.stack(ids), 'type_ids': np.stack(types), 'sentence_labels': np.array(labels, np.int32)}
+  cut = int(rng.integers(1, len(piece)))
+  a, b = piece[:cut], piece[cut:]
+  label = int(rng.random() < 0.5)
+  if label and task == 'sop':
+    a, b = b, a
+  elif label and task == 'nsp':
+    foreign = other(rng) if other is not None else None
+    if foreign is None or not len(foreign):
+      label = 0
+    else:
+      at = int(rng.integers(0, max(1, len(foreign) - len(b) + 1)))
+      b = foreign[at:at + len(b)]
+  seq = np.concatenate([[specials.cls], a, [specials.sep], b, [specials.sep]]).astype(np.int32)
+  ids = np.full(seq_len, specials.pad, np.int32)
+  ids[:len(seq)] = seq
+  types = np.zeros(seq_len, np.int32)
+  types[len(a) + 2:len(seq)] = 1
+  return {'ids': ids, 'type_ids': types, 'sentence_labels': np.int32(label)}
 
 
 def mask_tokens(ids_BxL: np.ndarray, rng: np.random.Generator, specials: Specials, vocab_size: int,

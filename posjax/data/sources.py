@@ -14,9 +14,11 @@ Skipped records and why are kept in the prepared dataset's metadata, so a reused
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import os
 import sys
+from typing import Any
 
 import jax
 import numpy as np
@@ -159,17 +161,29 @@ def open_tfds(name: str, split: str, data_dir: str):
                       f'--tfds_name={name} --data_dir=NEW_DIR` (ArrayRecord)') from None
 
 
-def _texts(source, feature: str, where: str):
-  """The text feature of every record as str, in record order, with what had to be skipped."""
-  skipped = collections.Counter()
-  n = len(source)
-  docs = []
-  for start in range(0, n, 1024):
-    for record in source.__getitems__(range(start, min(n, start + 1024))):
-      if feature not in record:
-        raise ConfigError(f'data.text_feature: {where} has no feature {feature!r} (features: '
+@dataclasses.dataclass
+class Documents:
+  """The records of a prepared dataset, read by random access (nothing is loaded up front): record `i`'s
+  cleaned text is `texts([i])`. `identity` names the content (for caches built from it)."""
+  source: Any  # a tfds data source: len() and __getitems__
+  feature: str
+  what: str
+  identity: str
+  skipped: collections.Counter  # found while preparing the dataset (local corpora)
+
+  def __len__(self):
+    return len(self.source)
+
+  def texts(self, indices, skipped: collections.Counter) -> list[tuple[int, str]]:
+    """(index, cleaned text) of the records at `indices` that hold usable text; the rest counted in
+    `skipped`."""
+    indices = [int(i) for i in indices]
+    out = []
+    for i, record in zip(indices, self.source.__getitems__(indices) if indices else []):
+      if self.feature not in record:
+        raise ConfigError(f'data.text_feature: {self.what} has no feature {self.feature!r} (features: '
                           f'{", ".join(sorted(record))})')
-      text = record[feature]
+      text = record[self.feature]
       if isinstance(text, (bytes, np.bytes_)):
         try:
           text = bytes(text).decode('utf-8')
@@ -177,15 +191,23 @@ def _texts(source, feature: str, where: str):
           skipped['records that are not valid UTF-8'] += 1
           continue
       if not isinstance(text, str):
-        raise ConfigError(f'data.text_feature: {feature!r} of {where} is not text ({type(text).__name__})')
+        raise ConfigError(f'data.text_feature: {self.feature!r} of {self.what} is not text '
+                          f'({type(text).__name__})')
       doc = corpus_lib.clean(text, skipped)
       if doc is not None:
-        docs.append(doc)
-  return docs, skipped
+        out.append((i, doc))
+    return out
+
+  def iter_texts(self, indices, skipped: collections.Counter, block: int = 1024):
+    """Cleaned texts of the records at `indices`, in order, read `block` records at a time."""
+    indices = np.asarray(indices)
+    for start in range(0, len(indices), block):
+      for _, doc in self.texts(indices[start:start + block], skipped):
+        yield doc
 
 
-def load(data, workdir: str) -> corpus_lib.Corpus:
-  """The configured documents (`data`: the config's data fields) through a prepared tfds dataset."""
+def open_documents(data, workdir: str) -> Documents:
+  """The configured documents (`data`: the config's data fields) as a prepared tfds dataset."""
   if data.source not in SOURCES:
     raise ConfigError(f'data.source {data.source!r} is not one of {", ".join(SOURCES)}')
   data_dir = data.data_dir or default_data_dir(workdir)
@@ -193,17 +215,36 @@ def load(data, workdir: str) -> corpus_lib.Corpus:
     if not data.tfds_name:
       raise ConfigError('data.tfds_name is empty; data.source=tfds needs a catalog name like imdb_reviews')
     source = open_tfds(data.tfds_name, data.tfds_split, data_dir)
-    docs, skipped = _texts(source, data.text_feature, f'{data.tfds_name}[{data.tfds_split}]')
-    what = f'tfds {data.tfds_name}[{data.tfds_split}] feature {data.text_feature!r} in {data_dir}'
-  else:
-    if data.source == 'files' and not data.files:
-      raise ConfigError('data.files is empty; data.source=files needs glob pattern(s)')
-    files = data.files  # source 'default' with files set reads them, as data.files always did
-    builder = prepare_local(files, data.text_field, data_dir)
-    docs, skipped = _texts(builder.as_data_source(split='train'), 'text', builder.name)
-    skipped.update(builder.info.metadata.get('skipped', {}))
-    what = f'{builder.builder_config.description} (tfds {builder.info.full_name} in {data_dir})'
-  c = corpus_lib.Corpus(docs, what, skipped)
-  if not docs:
+    where = f'{data.tfds_name}[{data.tfds_split}]'
+    what = f'tfds {where} feature {data.text_feature!r} in {data_dir}'
+    return Documents(source, data.text_feature, what, f'tfds:{where}:{data.text_feature}:{data_dir}',
+                     collections.Counter())
+  if data.source == 'files' and not data.files:
+    raise ConfigError('data.files is empty; data.source=files needs glob pattern(s)')
+  builder = prepare_local(data.files, data.text_field, data_dir)  # source 'default' reads data.files too
+  what = f'{builder.builder_config.description} (tfds {builder.info.full_name} in {data_dir})'
+  return Documents(builder.as_data_source(split='train'), 'text', what, f'local:{builder.info.full_name}',
+                   collections.Counter(builder.info.metadata.get('skipped', {})))
+
+
+def held_out(n: int, seed: int, fraction: float) -> np.ndarray:
+  """(n,) bool: the records held out for evaluation, a seeded draw per record, so later analyses find the
+  same split; drawn in blocks, the same numbers as one draw, to bound memory on catalog-sized datasets."""
+  rng = np.random.default_rng([seed, 3])
+  out = np.concatenate([rng.random(min(1 << 22, n - s)) < fraction for s in range(0, n, 1 << 22)] or
+                       [np.zeros(0, bool)])
+  if out.all() or not out.any():  # tiny datasets: keep at least one record on each side
+    out = np.zeros(n, bool)
+    out[-1] = n > 1
+  return out
+
+
+def load(data, workdir: str) -> corpus_lib.Corpus:
+  """All the configured documents in memory (small corpora; pretraining streams them instead)."""
+  docs = open_documents(data, workdir)
+  skipped = collections.Counter(docs.skipped)
+  texts = list(docs.iter_texts(np.arange(len(docs)), skipped))
+  c = corpus_lib.Corpus(texts, docs.what, skipped)
+  if not texts:
     raise ConfigError(f'data.source={data.source}: no usable text ({c.summary()})')
   return c

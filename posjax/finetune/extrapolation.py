@@ -16,6 +16,7 @@ rows that pretraining never updated (learned) -- that is the extrapolation being
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -110,12 +111,13 @@ def held_out_text(config: dict, workdir: str, files: str = '') -> list[str]:
   if files:
     return corpus_lib.read_files(files).documents
   from posjax.data import sources  # pylint: disable=g-import-not-at-top
-  from posjax.training import defaults, loop  # pylint: disable=g-import-not-at-top
+  from posjax.training import defaults  # pylint: disable=g-import-not-at-top
   data = defaults.pretraining_config(model_type='bert', objective='mlm', small=True,
                                      model=defaults.model_fields()).data
   data.update({k: v for k, v in config.get('data', {}).items() if k in data})  # runs of older code lack some
-  corpus = sources.load(data, workdir)
-  return loop.split_documents(corpus.documents, config.get('seed', 0), data.eval_fraction)[1]
+  documents = sources.open_documents(data, workdir)
+  held_out = sources.held_out(len(documents), config.get('seed', 0), data.eval_fraction)
+  return list(documents.iter_texts(np.flatnonzero(held_out), collections.Counter()))
 
 
 def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tokens: int = 65536,

@@ -51,6 +51,7 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
       # saved in the workdir
       tokenizer='',
       tokenizer_kind='wordpiece',  # of a newly trained vocabulary: 'wordpiece' or 'sentencepiece' (unigram)
+      tokenizer_documents=1_000_000,  # a new vocabulary learns from the first this many training documents; 0: all
       vocab_size=8192 if small else 30522,  # size of a newly trained vocabulary
       seq_len=128,
       mask_prob=0.15,

@@ -7,6 +7,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 
 from posjax.config import ModelConfig
+from posjax.data import pieces
 from posjax.data import pipeline
 from posjax.data import pretrain
 from posjax.data import sources
@@ -46,6 +48,9 @@ def validate(config) -> None:
                       f'{", ".join(TOKENIZER_KINDS)}')
   if not isinstance(config.data.worker_count, int) or config.data.worker_count < 0:
     raise ConfigError(f'data.worker_count must be a non-negative integer; got {config.data.worker_count!r}')
+  if not isinstance(config.data.tokenizer_documents, int) or config.data.tokenizer_documents < 0:
+    raise ConfigError('data.tokenizer_documents must be a non-negative integer (0: all); got '
+                      f'{config.data.tokenizer_documents!r}')
   if not 0 < config.data.eval_fraction < 1:
     raise ConfigError(f'data.eval_fraction must be in (0, 1); got {config.data.eval_fraction!r}')
   if config.data.seq_len > config.model.max_position_embeddings:
@@ -102,37 +107,52 @@ class Data:
   specials: pretrain.Specials
 
 
-def split_documents(documents, seed: int, eval_fraction: float):
-  """(training, held-out) documents: a seeded draw per document, so later analyses find the same split."""
-  held_out = np.random.default_rng([seed, 3]).random(len(documents)) < eval_fraction
-  if held_out.all() or not held_out.any():  # tiny corpora: keep at least one document on each side
-    held_out = np.zeros(len(documents), bool)
-    held_out[-1] = len(documents) > 1
-  return ([d for d, h in zip(documents, held_out) if not h], [d for d, h in zip(documents, held_out) if h])
+def prepare_pieces(config, workdir: str, documents, held_out, tok, body: int):
+  """The directory of the corpus's pieces (posjax/data/pieces.py) and their statistics; on several hosts,
+  process 0 tokenises and the others wait for it."""
+  data_dir = config.data.data_dir or sources.default_data_dir(workdir)
+  directory = pieces.cache_dir(data_dir, documents, config.seed, config.data.eval_fraction, tok, body)
+  if jax.process_index() == 0:
+    stats = pieces.prepare(documents, held_out, tok, body, directory)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('posjax pieces written')
+    if not os.path.exists(os.path.join(directory, 'meta.json')):
+      raise ConfigError(f'data.data_dir: {data_dir} (written by process 0) is not visible to process '
+                        f'{jax.process_index()}: a multi-host run needs a shared data dir')
+    stats = pieces.prepare(documents, held_out, tok, body, directory)  # reads meta.json
+  return directory, stats
 
 
 def build_data(config, workdir: str) -> Data:
-  """Documents (a prepared tfds dataset) -> tokenizer -> packed examples -> the grain pipeline; logs the
-  statistics: documents, tokens, examples per epoch, what was skipped and why."""
-  corpus = sources.load(config.data, workdir)
-  logging.info('%s', corpus.summary())
-  train_docs, eval_docs = split_documents(corpus.documents, config.seed, config.data.eval_fraction)
-  tok = tokenizer_for(config, workdir, train_docs)
+  """Documents (a prepared tfds dataset, read record by record) -> tokenizer -> pieces on disk -> the grain
+  pipeline; logs the statistics: documents, tokens, examples per epoch, what was skipped and why."""
+  documents = sources.open_documents(config.data, workdir)
+  held_out = sources.held_out(len(documents), config.seed, config.data.eval_fraction)
+  limit = config.data.tokenizer_documents or len(documents)
+  tok = tokenizer_for(config, workdir, documents.iter_texts(np.flatnonzero(~held_out)[:limit],
+                                                            collections.Counter()))
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
   vocab = tok.get_vocab_size()
   task = {'mlm+nsp': 'nsp', 'mlm+sop': 'sop'}.get(config.objective)
   seq_len = config.data.seq_len
-  train_x = pipeline.build_examples(train_docs, tok, seq_len, specials, task, config.seed)
-  eval_fields = pipeline.build_examples(eval_docs, tok, seq_len, specials, task, config.seed + 1).fields
+  body = pretrain.body_length(seq_len, task)
+  directory, stats = prepare_pieces(config, workdir, documents, held_out, tok, body)
+  logging.info('%s: %s%s; vocabulary %d', documents.what, pieces.summary(stats, seq_len),
+               f'; {task} pairs' if task else '', vocab)
+  if not sum(stats['documents'].values()):
+    raise ConfigError(f'data.source={config.data.source}: no usable text in {documents.what} (skipped: '
+                      f'{pieces.why(stats["skipped"])})')
+  train_x = pipeline.PieceExamples(pieces.Pieces(directory, 'train'), seq_len, specials, task)
+  eval_x = pipeline.PieceExamples(pieces.Pieces(directory, 'eval'), seq_len, specials, task)
+  eval_fields = eval_x.materialise(config.eval_batches * config.batch_size, config.seed + 1)
   if len(eval_fields['ids']) == 0:
-    eval_fields = {k: v[-config.batch_size:] for k, v in train_x.fields.items()}
+    eval_fields = train_x.materialise(config.batch_size, config.seed + 1)
     logging.warning('held-out documents gave no sequence; evaluating on %d training sequences',
                     len(eval_fields['ids']))
-  logging.info('train (%d documents): %s%s; eval: %d examples; vocabulary %d', len(train_docs),
-               train_x.summary(seq_len), f' ({task} pairs)' if task else '', len(eval_fields['ids']), vocab)
   continuation = pipeline.word_continuations(tok) if config.data.whole_word_masking else None
   masking = pipeline.Masking(specials, vocab, config.data.mask_prob, config.data.max_predictions, continuation)
-  train = pipeline.train_dataset(train_x.fields, config.batch_size, config.seed, masking)
+  train = pipeline.train_dataset(train_x, config.batch_size, config.seed, masking)
   eval_data = pipeline.MLMBatches(eval_fields, config.batch_size, specials, vocab, config.seed,
                                   config.data.mask_prob, config.data.max_predictions or None, continuation)
   return Data(train, eval_data, eval_data.max_predictions, vocab, specials)

@@ -1,0 +1,201 @@
+"""Documents -> token pieces on disk: tokenised once, in batches, by a grain pipeline, then read by random access.
+
+    stats = pieces.prepare(documents, held_out, tokenizer, body, directory)  # cached: reused when present
+    train = pieces.Pieces(directory, 'train')
+    train[i]  # the int32 tokens of piece i (at most `body`, at least pretrain.MIN_CHUNK of them)
+
+Pretraining reads documents record by record from a prepared tfds dataset, so a corpus of any size (wikipedia,
+c4) is never held in memory: blocks of records are read, cleaned and tokenised (one `encode_batch` per block,
+parallel in HF tokenizers' Rust code, blocks overlapped in grain's read threads), cut into pieces of `body`
+tokens (`pretrain.chunk`) and appended to flat token files with an offset index, one set of files per split.
+Examples are made from the pieces as the training stream reads them (posjax/data/pipeline.py), with fresh
+sentence pairs and masks every epoch. The files live in the data dir under a name that digests everything they
+depend on (the dataset, the held-out split, the tokenizer, the piece length), are written to a temporary
+directory and renamed into place, so concurrent runs never see half a table, and are memory-mapped, so worker
+processes and runs on one host share the page cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import grain
+import numpy as np
+
+from posjax.data import pretrain
+
+FORMAT = 1  # of the files below; part of the cache name
+SPLITS = ('train', 'eval')
+BLOCK = 1024  # records per tokenizer call
+
+
+def cache_dir(data_dir: str, documents, held_out_seed: int, eval_fraction: float, tokenizer, body: int) -> str:
+  h = hashlib.sha256(json.dumps([FORMAT, documents.identity, len(documents), held_out_seed, eval_fraction,
+                                 body]).encode())
+  h.update(tokenizer.to_str().encode())
+  return os.path.join(data_dir, 'posjax_pieces', h.hexdigest()[:24])
+
+
+class Pieces:
+  """One split's pieces: `len()`, `[i]` (int32 tokens), `document(i)` (the record index it came from).
+  Pickles as its path (grain worker processes map the files themselves)."""
+
+  def __init__(self, directory: str, split: str):
+    self.directory, self.split = directory, split
+    with open(os.path.join(directory, 'meta.json')) as f:
+      meta = json.load(f)
+    self.count = meta['pieces'][split]
+    self.body = meta['body']
+    self.dtype = np.dtype(meta['dtype'])
+    self._open()
+
+  def _open(self):
+    self.tokens = _map(os.path.join(self.directory, f'{self.split}.tokens'), self.dtype)
+    self.offsets = _map(os.path.join(self.directory, f'{self.split}.offsets'), np.int64)
+    self.documents = _map(os.path.join(self.directory, f'{self.split}.documents'), np.int64)
+
+  def __getstate__(self):
+    return {'directory': self.directory, 'split': self.split, 'count': self.count, 'body': self.body,
+            'dtype': self.dtype.str}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self.dtype = np.dtype(self.dtype)
+    self._open()
+
+  def __len__(self):
+    return self.count
+
+  def __getitem__(self, i):
+    return np.asarray(self.tokens[self.offsets[i]:self.offsets[i + 1]], np.int32)
+
+  def document(self, i) -> int:
+    return int(self.documents[i])
+
+
+def _map(path: str, dtype) -> np.ndarray:
+  n = os.path.getsize(path) // np.dtype(dtype).itemsize
+  return np.memmap(path, dtype, 'r', shape=(n,)) if n else np.zeros(0, dtype)  # mmap cannot map empty files
+
+
+class _Block:
+  """Records `i*BLOCK ..` -> cleaned texts -> one tokenizer call -> pieces, per split."""
+
+  def __init__(self, documents, held_out, tokenizer, body: int, dtype):
+    self.documents, self.held_out, self.tokenizer, self.body, self.dtype = (documents, held_out, tokenizer,
+                                                                           body, dtype)
+
+  def __call__(self, block: int):
+    skipped = collections.Counter()
+    idx = np.arange(block * BLOCK, min(len(self.documents), (block + 1) * BLOCK))
+    texts = self.documents.texts(idx, skipped)
+    encoded = self.tokenizer.encode_batch([t for _, t in texts], add_special_tokens=False) if texts else []
+    out = {s: {'tokens': [], 'lengths': [], 'documents': [], 'docs': 0, 'doc_tokens': 0, 'long': 0,
+               'short_tails': 0} for s in SPLITS}
+    for (i, _), e in zip(texts, encoded):
+      o = out['eval' if self.held_out[i] else 'train']
+      ids = np.asarray(e.ids, np.int32)
+      pieces = pretrain.chunk(ids, self.body)
+      tail = len(ids) % self.body
+      o['docs'] += 1
+      o['doc_tokens'] += len(ids)
+      o['long'] += len(ids) > self.body
+      o['short_tails'] += 0 < tail < pretrain.MIN_CHUNK
+      o['tokens'].extend(pieces)
+      o['lengths'].extend(len(p) for p in pieces)
+      o['documents'].extend([i] * len(pieces))
+    for o in out.values():
+      o['tokens'] = (np.concatenate(o['tokens']) if o['tokens'] else np.zeros(0, np.int32)).astype(self.dtype)
+    return out, skipped
+
+
+def prepare(documents, held_out: np.ndarray, tokenizer, body: int, directory: str,
+            threads: int = 4) -> dict:
+  """Writes the pieces of `documents` (held-out records to split `eval`, the rest to `train`) to `directory`,
+  unless they are there already; returns the statistics (also in `directory`/meta.json)."""
+  meta_path = os.path.join(directory, 'meta.json')
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      return json.load(f)
+  vocab = tokenizer.get_vocab_size()
+  dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parent)
+  try:
+    stats = _write(documents, held_out, tokenizer, body, dtype, tmp, threads)
+    stats['dtype'] = dtype.str
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+      json.dump(stats, f, indent=1)
+    try:
+      os.rename(tmp, directory)
+    except OSError:  # another run published the same table first: use theirs
+      if not os.path.exists(meta_path):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+def _write(documents, held_out, tokenizer, body, dtype, tmp, threads) -> dict:
+  blocks = -(-len(documents) // BLOCK)
+  # In order: the read threads tokenise the next blocks while this one is written.
+  stream = grain.MapDataset.range(blocks).map(_Block(documents, held_out, tokenizer, body, dtype))
+  stream = stream.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+  path = lambda split, name: os.path.join(tmp, f'{split}.{name}')
+  files = {(s, k): open(path(s, k), 'wb') for s in SPLITS for k in ('tokens', 'lengths', 'documents')}
+  totals = {s: collections.Counter() for s in SPLITS}
+  skipped = collections.Counter(documents.skipped)
+  try:
+    for n, (out, block_skipped) in enumerate(stream, 1):
+      skipped.update(block_skipped)
+      for s in SPLITS:
+        o = out[s]
+        files[s, 'tokens'].write(o['tokens'].tobytes())
+        files[s, 'lengths'].write(np.asarray(o['lengths'], np.int64).tobytes())
+        files[s, 'documents'].write(np.asarray(o['documents'], np.int64).tobytes())
+        totals[s].update({k: o[k] for k in ('docs', 'doc_tokens', 'long', 'short_tails')})
+      if n % 1000 == 0:
+        logging.info('tokenised %d of %d blocks of %d records', n, blocks, BLOCK)
+  finally:
+    for f in files.values():
+      f.close()
+  pieces = {}
+  for s in SPLITS:  # lengths -> offsets, a block at a time (a catalog dataset has billions of pieces)
+    lengths = _map(path(s, 'lengths'), np.int64)
+    with open(path(s, 'offsets'), 'wb') as f:
+      total = np.zeros(1, np.int64)
+      f.write(total.tobytes())
+      for start in range(0, len(lengths), 1 << 24):
+        ends = total[-1] + np.cumsum(lengths[start:start + (1 << 24)])
+        f.write(ends.tobytes())
+        total = ends
+    pieces[s] = len(lengths)
+    del lengths
+    os.remove(path(s, 'lengths'))
+  return {'records': len(documents), 'pieces': pieces, 'body': body,
+          'documents': {s: totals[s]['docs'] for s in SPLITS},
+          'tokens': {s: totals[s]['doc_tokens'] for s in SPLITS},
+          'long_documents': {s: totals[s]['long'] for s in SPLITS},
+          'short_tails': {s: totals[s]['short_tails'] for s in SPLITS},
+          'skipped': dict(skipped)}
+
+
+def summary(stats: dict, seq_len: int) -> str:
+  return (f'{stats["records"]} records; train: {stats["documents"]["train"]} documents, '
+          f'{stats["tokens"]["train"]} tokens, {stats["pieces"]["train"]} examples of {seq_len} tokens per epoch '
+          f'({stats["long_documents"]["train"]} documents longer than a sequence split over several, '
+          f'{stats["short_tails"]["train"]} document ends under {pretrain.MIN_CHUNK} tokens dropped); eval: '
+          f'{stats["documents"]["eval"]} documents, {stats["pieces"]["eval"]} examples; skipped: '
+          f'{why(stats["skipped"])}')
+
+
+def why(skipped: dict) -> str:
+  return ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items())) or 'none'
