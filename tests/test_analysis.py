@@ -4,7 +4,6 @@ attention maps against transformers' BERT."""
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -10,7 +10,6 @@ import pytest
 
 from helpers import load_config_module
 from posjax import compare
-from posjax.errors import ConfigError
 
 
 def test_sizes_and_config_match_configs_bert():

@@ -1,6 +1,5 @@
 """ELECTRA replaced-token detection: sampling, labels, shared embeddings, and training each model family."""
 
-import dataclasses
 import json
 import os
 

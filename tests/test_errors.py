@@ -3,7 +3,6 @@
 The table runs `train.py`'s own entry point (`cli`) in this process, so each case costs milliseconds to a few
 seconds; one case runs the real script to check what a terminal shows."""
 
-import gzip
 import importlib.util
 import json
 import os

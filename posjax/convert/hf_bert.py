@@ -8,7 +8,6 @@ transformers loads with `from_pretrained`. The pooler is exported too (transform
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from posjax.attention import registry
