@@ -14,6 +14,7 @@ import collections
 import functools
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -55,7 +56,9 @@ def bench_pipeline(data, batches: int, worker_count: int, task: str | None):
     load_s = time.perf_counter() - t
     it.close()
   n = len(examples)
-  return {'records': len(documents), 'examples': n, 'tokens': stats['tokens']['train'],
+  # Tokenising streams the corpus: this stays flat as the corpus grows (the BERT step below is not counted).
+  peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return {'records': len(documents), 'pipeline_peak_rss_mb': peak_rss_mb, 'examples': n, 'tokens': stats['tokens']['train'],
           'tokenize_examples_per_s': n / prepare_s, 'loader_examples_per_s': batches * BATCH / load_s,
           # A whole epoch, its tokenisation included, over the time it takes.
           'end_to_end_examples_per_s': n / (prepare_s + n / (batches * BATCH / load_s))}, batch

@@ -133,8 +133,8 @@ def pretrain_tiny(tmp_path, name, arg, objective):
   if c.model.embedding_size:
     c.model.embedding_size = 16
   c.data.vocab_size, c.data.seq_len, c.batch_size = 1000, 32, 16
-  c.num_train_steps, c.warmup_steps, c.learning_rate = 40, 5, 3e-3
-  c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 5, 40, 40, 2
+  c.num_train_steps, c.warmup_steps, c.learning_rate = 60, 5, 3e-3
+  c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 5, 60, 60, 2
   loop.train_and_evaluate(c, str(tmp_path))
   with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
     rows = [r for r in map(json.loads, f) if 'loss' in r]  # training rows (eval rows hold eval_*)
