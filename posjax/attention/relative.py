@@ -19,6 +19,8 @@ than the matmuls).
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def skew(s_xBxR, width: int | None = None):
   """out[..., i, j] = s[..., i, (b-1) - i + j] for b rows of width R, j < `width` (default: b), by the
   Transformer-XL reshape; needs width <= R - b + 1.
@@ -42,6 +45,26 @@ def skew(s_xBxR, width: int | None = None):
     return s_xBxR[..., :width]
   flat = s_xBxR.reshape(*batch, b * r)[..., b - 1: b - 1 + b * (r - 1)]
   return flat.reshape(*batch, b, r - 1)[..., :width]
+
+
+def _skew_fwd(s_xBxR, width):
+  return skew(s_xBxR, width), s_xBxR.shape[-1]
+
+
+def _skew_bwd(width, r, d_xBxW):
+  """ds[..., i, c] = d[..., i, c - (b-1) + i] (zero where that is outside 0..W-1): each row of d padded to
+  P (b-1 zeros in front), and row i read from column i on by viewing P's rows as rows one wider. Autodiff's
+  transpose of the reshapes and slices is the same map but a third slower on CPU."""
+  del width
+  *batch, b, w = d_xBxW.shape
+  wp = r + b - 1
+  lead = [(0, 0)] * len(batch)
+  p = jnp.pad(d_xBxW, lead + [(0, 0), (b - 1, wp - w - (b - 1))]).reshape(*batch, b * wp)
+  flat = jnp.pad(p, lead + [(0, b)])[..., :b * (wp + 1)]
+  return (flat.reshape(*batch, b, wp + 1)[..., :r],)
+
+
+skew.defvjp(_skew_fwd, _skew_bwd)
 
 
 @jax.custom_vjp
