@@ -132,7 +132,7 @@ def test_relative_never_builds_a_BxHxLxLxDh_tensor(name):
   loss = lambda p: mha.apply({'params': p}, x, mask).sum()  # noqa: E731
   closed = jax.make_jaxpr(jax.value_and_grad(loss))(params)
   shapes = [tuple(a.shape) for a in _avals(closed.jaxpr) if hasattr(a, 'shape')]
-  assert any(s == (b, h, 1, l, 2 * l - 1) for s in shapes)  # one block: q.r over the 2L-1 distances
+  assert any(s == (1, b, h, l, 2 * l - 1) for s in shapes)  # one block: q.r over the 2L-1 distances
   # (dot_product_attention's own 5-D reshapes for grouped heads are BxLxHx1xL, far smaller.)
   assert max(math.prod(s) for s in shapes) < b * h * l * l * dh
 
