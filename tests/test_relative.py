@@ -351,3 +351,23 @@ def test_bad_options_raise_one_line_config_errors(variant, options, hidden, matc
   with pytest.raises(ConfigError, match=match) as err:
     jax.eval_shape(MultiHeadAttention(cfg).init, jax.random.PRNGKey(0), x, jnp.ones((1, 4), bool))
   assert '\n' not in str(err.value)
+
+
+@pytest.mark.parametrize('m,l,block', [(3, 7, 64), (9, 7, 3), (4, 6, 1), (40, 13, 4), (2, 1, 64)])
+def test_relative_scores_gradients_match_numpy(m, l, block):
+  """relative_scores has hand-written backward passes (the q.r product and the skew): its gradients against
+  the formula's, written out in NumPy. With s[b,h,i,j] = x[b,i,h].r[d(i,j)], d = clip(i-j, +-(m-1)), and a
+  loss sum(w*s): dx[b,i,h] = sum_j w[b,h,i,j] r[d(i,j)], dr[d] = sum over (b,h,i,j) with d(i,j)=d of
+  w[b,h,i,j] x[b,i,h]."""
+  from posjax.attention.relative import relative_scores
+  rng = np.random.default_rng(m + 7 * l + block)
+  x = rng.normal(size=(2, l, 3, 5)).astype(np.float32)
+  table = rng.normal(size=(2 * m - 1, 5)).astype(np.float32)
+  w = rng.normal(size=(2, 3, l, l)).astype(np.float32)
+  dx, dr = jax.jit(jax.grad(lambda x, t: (w * relative_scores(x, t, m, block)).sum(), argnums=(0, 1)))(x, table)
+  d = np.clip(np.arange(l)[:, None] - np.arange(l)[None, :], -(m - 1), m - 1) + m - 1  # LxL table rows
+  want_dx = np.einsum('bhij,ijd->bihd', w, table[d])
+  want_dr = np.zeros_like(table)
+  np.add.at(want_dr, d.reshape(-1), np.einsum('bhij,bihd->ijd', w, x).reshape(l * l, -1))
+  np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dr), want_dr, atol=1e-4, rtol=1e-5)
