@@ -113,6 +113,8 @@ CASES = [
     ('learning_rate', [BERT, '--config.learning_rate=0.0'], 'learning_rate must be positive'),
     ('mask_prob', [BERT, '--config.data.mask_prob=1.5'], 'data.mask_prob must be in (0, 1)'),
     ('eval_fraction', [BERT, '--config.data.eval_fraction=0.0'], 'data.eval_fraction must be in (0, 1)'),
+    ('tokenizer_documents', [BERT, '--config.data.tokenizer_documents=-3'],
+     'data.tokenizer_documents must be a non-negative integer'),
     ('seq_len', [BERT, '--config.data.seq_len=1024'], 'data.seq_len (1024) exceeds model.max_position_embeddings'),
     ('nonfinite', [BERT, '--config.nonfinite=ignore'], "nonfinite 'ignore' is not one of stop, skip"),
     ('objective', [BERT, '--config.objective=clm'], "objective 'clm' is not one of mlm"),

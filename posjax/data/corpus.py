@@ -36,8 +36,13 @@ class Corpus:
 
   def summary(self) -> str:
     words = sum(len(d.split()) for d in self.documents)
-    skipped = ', '.join(f'{n} {why}' for why, n in sorted(self.skipped.items())) or 'none'
-    return f'{self.source}: {len(self.documents)} documents, {words} words; skipped or changed: {skipped}'
+    return (f'{self.source}: {len(self.documents)} documents, {words} words; skipped or changed: '
+            f'{why(self.skipped)}')
+
+
+def why(skipped) -> str:
+  """'N reason, M reason' of a skipped-records counter, or 'none'."""
+  return ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items())) or 'none'
 
 
 def default_corpus() -> Corpus:

@@ -28,6 +28,7 @@ import tempfile
 import grain
 import numpy as np
 
+from posjax.data import corpus
 from posjax.data import pretrain
 
 FORMAT = 1  # of the files below; part of the cache name
@@ -194,8 +195,4 @@ def summary(stats: dict, seq_len: int) -> str:
           f'({stats["long_documents"]["train"]} documents longer than a sequence split over several, '
           f'{stats["short_tails"]["train"]} document ends under {pretrain.MIN_CHUNK} tokens dropped); eval: '
           f'{stats["documents"]["eval"]} documents, {stats["pieces"]["eval"]} examples; skipped: '
-          f'{why(stats["skipped"])}')
-
-
-def why(skipped: dict) -> str:
-  return ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items())) or 'none'
+          f'{corpus.why(stats["skipped"])}')

@@ -34,9 +34,12 @@ class Rows:
   def __len__(self):
     return len(self.fields['ids'])
 
+  def __getitem__(self, i):
+    return {k: v[i] for k, v in self.fields.items()}
+
   def example(self, i, rng):
     del rng  # nothing to draw
-    return {k: v[i] for k, v in self.fields.items()}
+    return self[i]
 
 
 class PieceExamples:
@@ -106,23 +109,12 @@ class _Make:
     return out
 
 
-class _Row:
-  """Row `i` of `fields` (a class, not a lambda: worker processes get it pickled)."""
-
-  def __init__(self, fields):
-    self.rows = Rows(fields)
-
-  def __call__(self, i):
-    return self.rows.example(i, None)
-
-
 def labelled_dataset(fields, batch_size: int, seed: int) -> grain.MapDataset:
   """Batches of `fields` (encoded fine-tuning examples and labels), endless, shuffled afresh every epoch
   from `seed`; a training set smaller than a batch wraps round."""
   if len(fields['ids']) == 0:
     raise ConfigError('no training examples')
-  rows = grain.MapDataset.range(len(fields['ids'])).map(_Row(fields))
-  return rows.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+  return grain.MapDataset.source(Rows(fields)).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
 
 
 def max_predictions_for(seq_len: int, masking: Masking) -> int:

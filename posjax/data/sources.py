@@ -76,11 +76,7 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder):
     self.info.metadata['files'] = [os.path.abspath(p) for p in self.builder_config.paths]
     if not n:
       raise ConfigError(f'data.files: no usable text in {", ".join(self.builder_config.paths)} (skipped: '
-                        f'{_why(skipped)})')
-
-
-def _why(skipped) -> str:
-  return ', '.join(f'{n} {why}' for why, n in sorted(skipped.items())) or 'none'
+                        f'{corpus_lib.why(skipped)})')
 
 
 def _content_name(paths, text_field: str) -> str:

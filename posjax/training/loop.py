@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from posjax.config import ModelConfig
+from posjax.data import corpus as corpus_lib
 from posjax.data import pieces
 from posjax.data import pipeline
 from posjax.data import pretrain
@@ -142,7 +143,7 @@ def build_data(config, workdir: str) -> Data:
                f'; {task} pairs' if task else '', vocab)
   if not sum(stats['documents'].values()):
     raise ConfigError(f'data.source={config.data.source}: no usable text in {documents.what} (skipped: '
-                      f'{pieces.why(stats["skipped"])})')
+                      f'{corpus_lib.why(stats["skipped"])})')
   train_x = pipeline.PieceExamples(pieces.Pieces(directory, 'train'), seq_len, specials, task)
   eval_x = pipeline.PieceExamples(pieces.Pieces(directory, 'eval'), seq_len, specials, task)
   eval_fields = eval_x.materialise(config.eval_batches * config.batch_size, config.seed + 1)
