@@ -151,6 +151,16 @@ def test_pieces_count_tokens_and_examples_and_are_reused(tmp_path):
   docs.source.records = None
   assert pieces.prepare(docs, held, WordTok(), 30, str(tmp_path / 'p')) == stats
 
+  # Damaged files are a one-line error saying what to delete, not an index error mid-training.
+  from posjax.errors import ConfigError
+  tokens = tmp_path / 'p' / 'train.tokens'
+  tokens.write_bytes(tokens.read_bytes()[:-4])
+  with pytest.raises(ConfigError, match=r'pieces in .*/p are damaged \(train files do not agree'):
+    pieces.Pieces(str(tmp_path / 'p'), 'train')
+  (tmp_path / 'p' / 'meta.json').write_text('{"pieces": ')
+  with pytest.raises(ConfigError, match=r'damaged \(meta.json: .*delete that directory'):
+    pieces.prepare(docs, held, WordTok(), 30, str(tmp_path / 'p'))
+
 
 def test_pretraining_on_imdb_unlabelled_reviews(tmp_path, shared_data, caplog):
   """A slice of the real unlabelled IMDB reviews through the local corpus builder; `<br />`s counted."""

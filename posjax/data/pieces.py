@@ -30,6 +30,7 @@ import numpy as np
 
 from posjax.data import corpus
 from posjax.data import pretrain
+from posjax.errors import ConfigError
 
 FORMAT = 1  # of the files below; part of the cache name
 SPLITS = ('train', 'eval')
@@ -49,12 +50,16 @@ class Pieces:
 
   def __init__(self, directory: str, split: str):
     self.directory, self.split = directory, split
-    with open(os.path.join(directory, 'meta.json')) as f:
-      meta = json.load(f)
-    self.count = meta['pieces'][split]
-    self.body = meta['body']
-    self.dtype = np.dtype(meta['dtype'])
-    self._open()
+    meta = read_meta(directory)
+    try:
+      self.count, self.body, self.dtype = meta['pieces'][split], meta['body'], np.dtype(meta['dtype'])
+      self._open()
+    except (KeyError, TypeError, OSError) as e:
+      raise _damaged(directory, f'{type(e).__name__}: {e}') from None
+    # Files are renamed into place whole, so this only fails if something else changed them.
+    if (len(self.offsets) != self.count + 1 or len(self.documents) != self.count or
+        (self.count and self.offsets[-1] != len(self.tokens))):
+      raise _damaged(directory, f'{split} files do not agree with meta.json')
 
   def _open(self):
     self.tokens = _map(os.path.join(self.directory, f'{self.split}.tokens'), self.dtype)
@@ -78,6 +83,19 @@ class Pieces:
 
   def document(self, i) -> int:
     return int(self.documents[i])
+
+
+def _damaged(directory: str, why: str) -> ConfigError:
+  return ConfigError(f'data.data_dir: the tokenised pieces in {directory} are damaged ({why}); delete that '
+                     'directory and they are made again')
+
+
+def read_meta(directory: str) -> dict:
+  try:
+    with open(os.path.join(directory, 'meta.json')) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise _damaged(directory, f'meta.json: {e}') from None
 
 
 def _map(path: str, dtype) -> np.ndarray:
@@ -122,8 +140,7 @@ def prepare(documents, held_out: np.ndarray, tokenizer, body: int, directory: st
   unless they are there already; returns the statistics (also in `directory`/meta.json)."""
   meta_path = os.path.join(directory, 'meta.json')
   if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      return json.load(f)
+    return read_meta(directory)
   vocab = tokenizer.get_vocab_size()
   dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
   parent = os.path.dirname(directory)
@@ -141,8 +158,7 @@ def prepare(documents, held_out: np.ndarray, tokenizer, body: int, directory: st
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  with open(meta_path) as f:
-    return json.load(f)
+  return read_meta(directory)
 
 
 def _write(documents, held_out, tokenizer, body, dtype, tmp, threads) -> dict:
