@@ -78,6 +78,8 @@ class MultiHeadAttention(nn.Module):
       term = c.build(cfg, name=c.name)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic)
       bias = term if bias is None else bias + term
 
+    if bias is not None and bias.shape[0] == 1 and x_BxLxD.shape[0] > 1:
+      bias = layers.broadcast_batch(bias, x_BxLxD.shape[0])
     use_qk = bool(cfg.option('use_qk', True))
     scale = 1.0 / float(dh) ** 0.5
     need_dropout = cfg.attention_dropout > 0.0 and not deterministic

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from posjax import layers
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 from posjax.models import Bert
@@ -46,7 +47,7 @@ def mlm_loss(logits_BxPxV, labels_BxP, weights_BxP, n=None):
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, labels_BxP)
   n = jnp.maximum(weights_BxP.sum(), 1.0) if n is None else n
   loss = (xent * weights_BxP).sum() / n
-  acc = ((logits.argmax(-1) == labels_BxP) * weights_BxP).sum() / n
+  acc = ((layers.argmax_last(logits) == labels_BxP) * weights_BxP).sum() / n
   return loss, acc
 
 
@@ -54,7 +55,7 @@ def classification_loss(logits_BxC, labels_B, n=None):
   logits = logits_BxC.astype(jnp.float32)
   n = labels_B.shape[0] if n is None else n
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels_B).sum() / n
-  return loss, (logits.argmax(-1) == labels_B).sum() / n
+  return loss, (layers.argmax_last(logits) == labels_B).sum() / n
 
 
 def detection_loss(logits_BxL, replaced_BxL, mask_BxL, n=None):
