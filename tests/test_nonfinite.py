@@ -79,3 +79,27 @@ def test_stop_freezes_the_state_at_the_last_good_update(quantity):
   np.testing.assert_allclose(state.params['w'], reference([1, 1]), rtol=1e-6)
   assert int(state.skipped) == 1 and int(state.first_bad_step) == 3
   assert bool(history[2][f'nonfinite_{quantity}'])
+
+
+@pytest.mark.parametrize('policy', ['skip', 'stop'])
+def test_a_skipped_update_leaves_params_and_adamw_state_bit_identical(policy):
+  # AdamW with the trainer's clip: mu, nu and the step count must not move on a bad step (optax.sgd above has
+  # no optimizer state to check).
+  from posjax.training import optimizer
+  tx = optax.chain(optimizer.clip_by_global_norm(1.0), optax.adamw(0.1, weight_decay=0.01))
+  params = {'w': jnp.arange(1.0, 5.0)}
+  state = steps.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                           rng=jax.random.PRNGKey(0), skipped=jnp.int32(0), first_bad_step=jnp.int32(-1))
+  step = jax.jit(functools.partial(steps.train_step, objective=Quadratic(), tx=tx, lr_schedule=lambda s: 0.1,
+                                   nonfinite=policy))
+  good = {'scale': jnp.float32(1.0), 'g': jnp.float32(1.0)}
+  state, _ = step(state, good)
+  before = jax.device_get((state.params, state.opt_state))
+  state, m = step(state, {'scale': jnp.float32(1.0), 'g': jnp.float32(np.inf)})
+  assert bool(m['nonfinite_grad_norm']) and int(state.skipped) == 1
+  after = jax.device_get((state.params, state.opt_state))
+  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  state, _ = step(state, good)  # 'skip' goes on from exactly the pre-bad state; 'stop' stays frozen
+  moved = not np.array_equal(jax.device_get(state.params['w']), before[0]['w'])
+  assert moved == (policy == 'skip')

@@ -42,6 +42,8 @@ def validate(config) -> None:
                       f'{config.num_epochs!r}, num_train_steps {config.num_train_steps!r}')
   if not config.learning_rate > 0:
     raise ConfigError(f'learning_rate must be positive; got {config.learning_rate!r}')
+  if not config.grad_clip_norm > 0:  # 0 would zero every update, a negative norm reverse it
+    raise ConfigError(f'grad_clip_norm must be positive; got {config.grad_clip_norm!r}')
   if not 0 <= config.warmup_fraction < 1:
     raise ConfigError(f'warmup_fraction must be in [0, 1); got {config.warmup_fraction!r}')
   if not 0 < config.layer_decay <= 1:

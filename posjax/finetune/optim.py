@@ -13,6 +13,8 @@ import re
 import jax
 import optax
 
+from posjax.training import optimizer
+
 
 def depth(path: tuple[str, ...], num_layers: int, layer_groups: int = 0, inner_group_size: int = 1) -> int:
   if path[0] != 'bert' or path[1] not in ('embeddings', 'embedding_projection', 'encoder'):
@@ -44,7 +46,7 @@ def schedule(learning_rate: float, warmup_steps: int, total_steps: int) -> optax
 
 
 def make(config, lr: optax.Schedule, scales=None) -> optax.GradientTransformation:
-  parts = [optax.clip_by_global_norm(config.grad_clip_norm),
+  parts = [optimizer.clip_by_global_norm(config.grad_clip_norm),
            optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                        weight_decay=config.weight_decay, mask=lambda p: jax.tree_util.tree_map(
                            lambda x: x.ndim > 1, p))]

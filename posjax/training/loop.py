@@ -42,6 +42,8 @@ def validate(config) -> None:
       raise ConfigError(f'{name} must be a positive integer; got {v!r}')
   if not config.learning_rate > 0:
     raise ConfigError(f'learning_rate must be positive; got {config.learning_rate!r}')
+  if not config.grad_clip_norm > 0:  # 0 would zero every update, a negative norm reverse it
+    raise ConfigError(f'grad_clip_norm must be positive; got {config.grad_clip_norm!r}')
   if not 0 < config.data.mask_prob < 1:
     raise ConfigError(f'data.mask_prob must be in (0, 1); got {config.data.mask_prob!r}')
   if config.data.tokenizer_kind not in TOKENIZER_KINDS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -14,6 +15,26 @@ def schedule(config) -> optax.Schedule:
        optax.linear_schedule(config.learning_rate, 0.0, total - warmup)], [warmup])
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm's result (to rounding) as g * min(1, max_norm / norm): one scalar division, then
+  a multiply that XLA fuses into Adam's update. optax's per-element `g / norm` is a divide, which XLA will not
+  duplicate into the several consumers of the clipped gradient, so it wrote the whole gradient out once more:
+  the BERT-base (110M) clip + AdamW update alone took 196 ms with optax's clip against 86 ms with this one,
+  on 2 CPU cores.
+
+  `global_norm` (an optax extra argument, forwarded by optax.chain): the gradients' norm when the caller has it
+  already; `steps.train_step` passes the one it checks for non-finite values, since inside its update branch
+  XLA cannot share that reduction over every gradient (17 ms of a 110M-parameter update)."""
+
+  def update(updates, state, params=None, *, global_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if global_norm is None else global_norm
+    scale = jnp.minimum(1.0, max_norm / norm)  # exactly 1 when not clipping
+    return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 def _decay_mask(params):
   # BERT's recipe: weight decay on matrices only (not biases, LayerNorm, or 1-D tables).
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
@@ -21,6 +42,6 @@ def _decay_mask(params):
 
 def make(config) -> optax.GradientTransformation:
   return optax.chain(
-      optax.clip_by_global_norm(config.grad_clip_norm),
+      clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                   weight_decay=config.weight_decay, mask=_decay_mask))

@@ -189,15 +189,24 @@ def train_step(state: TrainState, batch, *, objective: Objective, tx: optax.Grad
   rng = jax.random.fold_in(state.rng, state.step)
   (loss, metrics), grads = gradients(objective, state.params, batch, rng, grad_accum_steps)
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   apply = finite & ((state.first_bad_step < 0) if nonfinite == 'stop' else True)
-  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+
+  def update(params, opt_state):
+    # The norm goes in as optax's `global_norm` extra argument (optimizer.clip_by_global_norm reuses it;
+    # transformations that take no extra arguments never see it).
+    updates, opt_state = optax.with_extra_args_support(tx).update(grads, opt_state, params,
+                                                                  global_norm=grad_norm)
+    return optax.apply_updates(params, updates), opt_state
+
+  # A branch, not jnp.where(apply, new, old) over every leaf: the select split XLA's fused AdamW update into
+  # more passes over memory (BERT-base update with optimizer.clip_by_global_norm, 2 CPU cores: 300 ms with
+  # the select, 110 ms with the branch; 318 ms with optax's clip and the select, as before).
+  params, opt_state = jax.lax.cond(apply, update, lambda p, o: (p, o), state.params, state.opt_state)
   metrics = {**metrics, 'grad_norm': grad_norm, 'learning_rate': lr_schedule(state.step),
              'nonfinite_loss': ~jnp.isfinite(loss), 'nonfinite_grad_norm': ~jnp.isfinite(grad_norm)}
   return state.replace(
-      step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+      step=state.step + 1, params=params, opt_state=opt_state,
       skipped=state.skipped + (~finite).astype(jnp.int32),
       first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step + 1, state.first_bad_step),
   ), metrics
