@@ -53,7 +53,9 @@ class MultiHeadAttention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask_BxL, deterministic: bool = True):
+  def __call__(self, x_BxLxD, mask_BxL, deterministic: bool = True, rows_BxR=None):
+    """`rows_BxR`: if given, only those query rows go through the output projection (y is BxRxD); keys,
+    values and every score term still see the whole sequence."""
     cfg = self.config
     plan = registry.parse(cfg.attention)
     dh = cfg.head_dim
@@ -110,6 +112,8 @@ class MultiHeadAttention(nn.Module):
       extra = c.build(cfg, name=c.name)(x_BxLxD, q_BxLxHxDh, mask_BxL, deterministic)
       ctx_BxLxHxDh = jnp.concatenate([ctx_BxLxHxDh, extra], axis=2)
 
+    if rows_BxR is not None:
+      ctx_BxLxHxDh = layers.take_rows(ctx_BxLxHxDh, rows_BxR)
     return layers.dense(cfg.hidden_size, ('heads', 'kv', 'embed'), axis=(-2, -1),
                         stddev=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                         name='out')(ctx_BxLxHxDh)

@@ -114,7 +114,8 @@ def labelled_dataset(fields, batch_size: int, seed: int) -> grain.MapDataset:
   from `seed`; a training set smaller than a batch wraps round."""
   if len(fields['ids']) == 0:
     raise ConfigError('no training examples')
-  return grain.MapDataset.source(Rows(fields)).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+  return (grain.MapDataset.source(Rows(fields)).shuffle(seed=seed).repeat(None)
+          .batch(batch_size, drop_remainder=True))
 
 
 def max_predictions_for(seq_len: int, masking: Masking) -> int:

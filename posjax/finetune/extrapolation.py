@@ -50,7 +50,8 @@ def rows_of_length(stream: np.ndarray, length: int, specials: pretrain.Specials,
 
 def mlm_scores(cfg: ModelConfig, params, batch) -> tuple[float, float, float]:
   """(summed cross-entropy, correct predictions, predictions) over a masked batch."""
-  out = Bert(cfg).apply({'params': params}, batch['ids'], batch['mask'], mlm_positions_BxP=batch['positions'])
+  out = Bert(cfg).apply({'params': params}, batch['ids'], batch['mask'], mlm_positions_BxP=batch['positions'],
+                        only_predicted_rows=not cfg.discriminator_head)
   logits = out['mlm_logits_BxLxV'].astype(jnp.float32)
   loss, acc = steps.mlm_loss(logits, batch['labels'], batch['weights'])
   n = batch['weights'].sum()

@@ -63,7 +63,7 @@ class ElectraPretrainer(nn.Module):
   def __call__(self, ids_BxL, mask_BxL, type_ids_BxL, mlm_positions_BxP, labels_BxP, weights_BxP,
                deterministic: bool = True):
     gen = self.generator(ids_BxL, mask_BxL, type_ids_BxL, mlm_positions_BxP=mlm_positions_BxP,
-                         deterministic=deterministic)
+                         deterministic=deterministic, only_predicted_rows=True)
     logits_BxPxV = gen['mlm_logits_BxLxV']
     sample_logits = jax.lax.stop_gradient(logits_BxPxV.astype(jnp.float32)) / self.temperature
     if self.forbidden_ids:

@@ -112,7 +112,8 @@ class Objective:
                      'discriminator_accuracy': disc_acc,
                      'replaced_fraction': out['replaced_BxL'].sum() / d['tokens']}
     out = self.model.apply({'params': params}, batch['ids'], batch['mask'], type_ids,
-                           mlm_positions_BxP=batch['positions'], deterministic=deterministic, rngs=rngs)
+                           mlm_positions_BxP=batch['positions'], deterministic=deterministic, rngs=rngs,
+                           only_predicted_rows=True)
     loss, acc = mlm_loss(out['mlm_logits_BxLxV'], batch['labels'], batch['weights'], d['masked'])
     metrics = {'mlm_loss': loss, 'accuracy': acc}
     if self.name in ('mlm+nsp', 'mlm+sop'):
