@@ -137,6 +137,8 @@ CASES = [
      'tisa_kernels must be a positive integer'),
     ('t5 buckets', ['--config=configs/bert.py:tiny,t5', '--config.model.attention_options.t5_num_buckets=3'],
      't5_num_buckets must be an even integer'),
+    ('option before data', ['--config=configs/bert.py:tiny,relative_key', '--config.data.files=/nonexistent/*.txt',
+                            '--config.model.attention_options.relative_block=0'], 'relative_block must be a positive'),
     ('vocab_size', [BERT, *SMALL, '--config.model.vocab_size=10'], 'model.vocab_size (10) is smaller than'),
     # mesh shapes
     ('mesh fsdp', [BERT, *SMALL, '--config.mesh.fsdp=3'], 'mesh: 1 devices cannot be split'),

@@ -1,5 +1,5 @@
-"""layers.broadcast_batch (a leading-1 array repeated over rows, gradient by a hand-written ones-vector
-product) against autodiff of jnp.broadcast_to and a NumPy sum; layers.argmax_last against NumPy's argmax;
+"""layers.broadcast_batch (a leading-1 array repeated over rows, as an outer product with ones) against
+autodiff of jnp.broadcast_to and a NumPy sum, in both directions; layers.argmax_last against NumPy's argmax;
 layers.DenseGeneral (2-D product for trailing axes, dot_general otherwise) against NumPy's einsum."""
 
 import flax.linen as nn
@@ -26,6 +26,27 @@ def test_broadcast_batch_value_and_gradient_match_a_plain_broadcast(shape, dtype
   # and against a direct NumPy sum over the rows
   np.testing.assert_allclose(np.asarray(g, np.float32)[0], np.asarray(d, np.float32).sum(0), rtol=tol,
                              atol=tol * 10)
+
+
+def test_forward_mode_passes_through_broadcast_batch_and_a_model_using_it():
+  bias = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 4))
+  t = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 4))
+  _, tangent = jax.jvp(lambda b: broadcast_batch(b, 5), (bias,), (t,))
+  np.testing.assert_array_equal(tangent, np.broadcast_to(t, (5, 3, 4)))
+  # a TISA BERT (batch-shared position bias, MLM decoder bias): jvp against a central difference
+  import posjax
+  cfg = posjax.ModelConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=20,
+                           max_position_embeddings=16, attention='tisa')
+  ids = jax.random.randint(jax.random.PRNGKey(2), (3, 7), 5, 40)
+  model = posjax.Bert(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), ids))['params']
+  direction = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.1, params)
+  f = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, ids)['mlm_logits_BxLxV']))  # noqa: E731
+  _, df = jax.jvp(f, (params,), (direction,))
+  eps = 1e-2
+  shift = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * d, params, direction)  # noqa: E731
+  fd = (f(shift(eps)) - f(shift(-eps))) / (2 * eps)
+  np.testing.assert_allclose(float(df), float(fd), rtol=2e-2)
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.int32])

@@ -29,7 +29,7 @@ from posjax.finetune import metrics as metrics_lib
 from posjax.finetune import optim, presets, pretrained
 from posjax.finetune import tasks as tasks_lib
 from posjax.finetune.model import Classifier, encoder_config
-from posjax.training import checkpoint, metrics, preemption, steps
+from posjax.training import checkpoint, metrics, optimizer, preemption, steps
 
 
 def validate(config) -> None:
@@ -190,7 +190,7 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
 
   n_train = len(train_x['ids'])
   total = config.num_train_steps or max(1, math.ceil(config.num_epochs * max(n_train // config.batch_size, 1)))
-  lr = optim.schedule(config.learning_rate, round(config.warmup_fraction * total), total)
+  lr = optimizer.warmup_linear_decay(config.learning_rate, round(config.warmup_fraction * total), total)
   model = Classifier(cfg, task.num_labels)
   objective = Objective(model, task.regression)
 
@@ -200,7 +200,7 @@ def finetune_and_evaluate(config, workdir: str) -> dict:
   params = init_head(shapes, cfg.initializer_range, config.seed)
   params['bert'] = _graft(shapes['bert'], pre.params)
   scales = optim.layer_scales(params, cfg, config.layer_decay) if config.layer_decay < 1 else None
-  tx = optim.make(config, lr, scales)
+  tx = optimizer.make(config, lr, scales)
 
   def init():
     return steps.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),

@@ -1,4 +1,4 @@
-"""Fine-tuning's optimiser: AdamW with linear warmup/decay and, optionally, layer-wise learning-rate decay.
+"""Fine-tuning's layer-wise learning-rate decay, as multipliers for `training.optimizer.make(config, lr, scales)`.
 
 Layer-wise decay (Clark et al. 2020, ELECTRA's fine-tuning): the learning rate of a parameter at depth d is
 lr * decay^(N + 1 - d), with the embeddings at depth 0, encoder layer i at depth i + 1 and the pooler and
@@ -11,9 +11,6 @@ from __future__ import annotations
 import re
 
 import jax
-import optax
-
-from posjax.training import optimizer
 
 
 def depth(path: tuple[str, ...], num_layers: int, layer_groups: int = 0, inner_group_size: int = 1) -> int:
@@ -35,22 +32,3 @@ def layer_scales(params, cfg, decay: float):
     names = tuple(getattr(p, 'key', str(p)) for p in path)
     return decay ** (cfg.num_layers + 1 - depth(names, cfg.num_layers, cfg.layer_groups, cfg.inner_group_size))
   return jax.tree_util.tree_map_with_path(scale, params)
-
-
-def schedule(learning_rate: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-  warmup = max(int(warmup_steps), 1)
-  total = max(int(total_steps), warmup + 1)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, warmup),
-       optax.linear_schedule(learning_rate, 0.0, total - warmup)], [warmup])
-
-
-def make(config, lr: optax.Schedule, scales=None) -> optax.GradientTransformation:
-  parts = [optimizer.clip_by_global_norm(config.grad_clip_norm),
-           optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                       weight_decay=config.weight_decay, mask=lambda p: jax.tree_util.tree_map(
-                           lambda x: x.ndim > 1, p))]
-  if scales is not None:
-    parts.append(optax.stateless(lambda updates, params: jax.tree_util.tree_map(
-        lambda u, s: u * s, updates, scales)))
-  return optax.chain(*parts)

@@ -28,6 +28,7 @@ from posjax.data import sources
 from posjax.data import spm
 from posjax.data import tokenizer as tokenizer_lib
 from posjax.errors import ConfigError, NonFiniteError
+from posjax.models import Bert
 from posjax.training import checkpoint, distributed, metrics, optimizer, preemption, sharding, steps
 
 
@@ -212,12 +213,20 @@ def sharded_steps(config, objective, tx, lr, mesh, max_predictions: int) -> Shar
                       jax.jit(lambda: nn.unbox(init()), out_shardings=state_shardings), train_step, eval_step)
 
 
+def check_model(config) -> None:
+  """Every model error before any data work (tokenising a corpus can take hours): the fields (ModelConfig), then
+  the option values each attention component checks where it is built, by an abstract init (shapes only)."""
+  probe = ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': 8})
+  ids = np.zeros((1, min(8, probe.max_position_embeddings)), np.int32)
+  jax.eval_shape(lambda: Bert(probe).init(jax.random.PRNGKey(0), ids))
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Pretrains per `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
   validate(config)
   distributed.initialize(config)  # before anything touches a device
   os.makedirs(workdir, exist_ok=True)
-  ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': 1})  # bad model fields fail before data
+  check_model(config)
   data = build_data(config, workdir)
   mcfg = model_config(config, data.vocab_size)
   specials = data.specials

@@ -7,12 +7,18 @@ import jax.numpy as jnp
 import optax
 
 
-def schedule(config) -> optax.Schedule:
-  warmup = max(int(config.warmup_steps), 1)
-  total = max(int(config.num_train_steps), warmup + 1)
+def warmup_linear_decay(learning_rate: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+  """0 -> learning_rate over warmup_steps (at least 1), then linearly to 0 at total_steps."""
+  warmup = max(int(warmup_steps), 1)
+  total = max(int(total_steps), warmup + 1)
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, config.learning_rate, warmup),
-       optax.linear_schedule(config.learning_rate, 0.0, total - warmup)], [warmup])
+      [optax.linear_schedule(0.0, learning_rate, warmup),
+       optax.linear_schedule(learning_rate, 0.0, total - warmup)], [warmup])
+
+
+def schedule(config) -> optax.Schedule:
+  """Pretraining's schedule: `warmup_steps`, then decay to zero at `num_train_steps`."""
+  return warmup_linear_decay(config.learning_rate, config.warmup_steps, config.num_train_steps)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -40,8 +46,14 @@ def _decay_mask(params):
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def make(config) -> optax.GradientTransformation:
-  return optax.chain(
-      clip_by_global_norm(config.grad_clip_norm),
-      optax.adamw(schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                  weight_decay=config.weight_decay, mask=_decay_mask))
+def make(config, lr: optax.Schedule | None = None, scales=None) -> optax.GradientTransformation:
+  """Clip, then AdamW with the config's hyperparameters (pretraining's and fine-tuning's configs share the
+  field names). `lr`: the schedule (default: `schedule(config)`); `scales`: a tree like the parameters of
+  multipliers of the update (fine-tuning's layer-wise decay)."""
+  parts = [clip_by_global_norm(config.grad_clip_norm),
+           optax.adamw(schedule(config) if lr is None else lr, b1=config.adam_b1, b2=config.adam_b2,
+                       eps=config.adam_eps, weight_decay=config.weight_decay, mask=_decay_mask)]
+  if scales is not None:
+    parts.append(optax.stateless(lambda updates, params: jax.tree_util.tree_map(
+        lambda u, s: u * s, updates, scales)))
+  return optax.chain(*parts)
