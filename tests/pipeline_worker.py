@@ -7,6 +7,7 @@ the trainer's data (process 0 tokenises the corpus, the others wait for it in th
 batches of their own rows, and read batches 3-5 again from a new iterator set to the state saved after batch 2.
 """
 
+import logging
 import os
 import sys
 
@@ -25,6 +26,7 @@ from posjax.training import distributed, loop  # noqa: E402
 
 
 def main():
+  logging.getLogger().setLevel(logging.INFO)  # the test reads which blocks each process tokenised
   c = micro_config(objective='mlm+nsp')
   c.data.update(tokenizer=tokenizer, seq_len=24, data_dir=os.path.join(workdir, 'tfds'))
   if num_processes > 1:

@@ -162,6 +162,37 @@ def test_pieces_count_tokens_and_examples_and_are_reused(tmp_path):
     pieces.prepare(docs, held, WordTok(), 30, str(tmp_path / 'p'))
 
 
+@pytest.mark.parametrize('count', [1, 3, 7])  # 7 processes for 5 blocks: some tokenise nothing
+def test_parts_tokenised_by_several_processes_join_into_the_same_bytes(tmp_path, monkeypatch, count):
+  import collections
+  from posjax.data import pieces, sources
+  monkeypatch.setattr(pieces, 'BLOCK', 4)
+  rng = np.random.default_rng(0)
+  texts = ['abcdefghi ' * int(n) for n in rng.integers(5, 80, 18)] + [b'\xff\xfe bad' * 9, 'x ' * 40]
+  docs = sources.Documents(ListSource([{'text': t} for t in texts]), 'text', '20 records', 'test',
+                           collections.Counter({'earlier': 2}))
+  held = rng.random(len(texts)) < 0.2
+  one = pieces.prepare(docs, held, WordTok(), 30, str(tmp_path / 'one'))
+  target = str(tmp_path / 'joined')
+  for i in reversed(range(count)):  # any order: each writes its own part
+    pieces.write_part(docs, held, WordTok(), 30, target, i, count)
+  assert not pieces.exists(target)
+  assert pieces.join(target, count) == one
+  assert sorted(os.listdir(target)) == sorted(os.listdir(tmp_path / 'one'))
+  for name in os.listdir(target):
+    assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'joined' / name).read_bytes(), name
+  assert not os.path.exists(pieces.parts_dir(target))
+  assert one['skipped'] == {'earlier': 2, 'records that are not valid UTF-8': 1}
+  assert list(itertools.chain(*(pieces.share(5, i, count) for i in range(count)))) == list(range(5))
+
+
+def test_a_missing_part_is_a_clear_error(tmp_path):
+  from posjax.data import pieces
+  from posjax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r'part .*/p.parts/0 cannot be read.*every host can see'):
+    pieces.join(str(tmp_path / 'p'), 2)
+
+
 def test_pretraining_on_imdb_unlabelled_reviews(tmp_path, shared_data, caplog):
   """A slice of the real unlabelled IMDB reviews through the local corpus builder; `<br />`s counted."""
   path = os.path.join(shared_data, 'imdb', 'imdb_unsup.jsonl.gz')
@@ -220,7 +251,7 @@ def test_checkpoint_without_data_state_still_resumes(tmp_path, caplog):
 
 
 def test_two_processes_read_their_halves_of_the_global_batches_and_resume(tmp_path):
-  """jax.distributed with 2 CPU processes: each reads its half of every global batch (NSP pairs and masks
+  """jax.distributed with 2 CPU processes: each tokenises half of the corpus, and reads its half of every global batch (NSP pairs and masks
   included) of a one-process run over the same pieces, and a process's iterator restored from a saved state
   goes on with exactly the batches it would have read."""
   import socket
@@ -239,14 +270,18 @@ def test_two_processes_read_their_halves_of_the_global_batches_and_resume(tmp_pa
                                         str(tmp_path / f'{name}{i}.npz'), tok], env=env, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
            for name, args in runs.items() for n, i, p in args]
+  logs = {}
   try:
-    for _, _, proc in procs:
-      log, _ = proc.communicate(timeout=300)
-      assert proc.returncode == 0, log[-4000:]
+    for name, i, proc in procs:
+      logs[name, i], _ = proc.communicate(timeout=300)
+      assert proc.returncode == 0, logs[name, i][-4000:]
   finally:
     for _, _, proc in procs:
       if proc.poll() is None:
         proc.kill()
+  # The default corpus is two blocks of records: each process tokenised one of them.
+  assert 'process 0 of 2 tokenised blocks [0, 1) of 2' in logs['two', 0], logs['two', 0][-3000:]
+  assert 'process 1 of 2 tokenised blocks [1, 2) of 2' in logs['two', 1], logs['two', 1][-3000:]
   halves = [np.load(tmp_path / f'two{i}.npz') for i in range(2)]
   whole = np.load(tmp_path / 'one0.npz')
   assert [int(h['process_count']) for h in halves] == [2, 2] and int(whole['process_count']) == 1

@@ -13,6 +13,10 @@ sentence pairs and masks every epoch. The files live in the data dir under a nam
 depend on (the dataset, the held-out split, the tokenizer, the piece length), are written to a temporary
 directory and renamed into place, so concurrent runs never see half a table, and are memory-mapped, so worker
 processes and runs on one host share the page cache.
+
+On several hosts the tokenising is shared: each process writes its contiguous share of the blocks as a part
+(`write_part`), and process 0 concatenates the parts in order (`join`), which gives the same bytes as one
+process writing them all.
 """
 
 from __future__ import annotations
@@ -134,75 +138,168 @@ class _Block:
     return out, skipped
 
 
+def exists(directory: str) -> bool:
+  return os.path.exists(os.path.join(directory, 'meta.json'))
+
+
 def prepare(documents, held_out: np.ndarray, tokenizer, body: int, directory: str,
             threads: int = 4) -> dict:
   """Writes the pieces of `documents` (held-out records to split `eval`, the rest to `train`) to `directory`,
-  unless they are there already; returns the statistics (also in `directory`/meta.json)."""
-  meta_path = os.path.join(directory, 'meta.json')
-  if os.path.exists(meta_path):
+  unless they are there already; returns the statistics (also in `directory`/meta.json). One process does all
+  the work; a multi-host run shares it with `write_part` and `join`."""
+  if exists(directory):
     return read_meta(directory)
-  vocab = tokenizer.get_vocab_size()
-  dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parent)
+  tmp = _tmp_beside(directory)
   try:
-    stats = _write(documents, held_out, tokenizer, body, dtype, tmp, threads)
-    stats['dtype'] = dtype.str
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-      json.dump(stats, f, indent=1)
-    try:
-      os.rename(tmp, directory)
-    except OSError:  # another run published the same table first: use theirs
-      if not os.path.exists(meta_path):
-        raise
+    part = _write(documents, held_out, tokenizer, body, tmp, range(_blocks(documents)), threads)
+    _finish(tmp, [tmp], [part])
+    _publish(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return read_meta(directory)
 
 
-def _write(documents, held_out, tokenizer, body, dtype, tmp, threads) -> dict:
-  blocks = -(-len(documents) // BLOCK)
-  # In order: the read threads tokenise the next blocks while this one is written.
-  stream = grain.MapDataset.range(blocks).map(_Block(documents, held_out, tokenizer, body, dtype))
-  stream = stream.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
-  path = lambda split, name: os.path.join(tmp, f'{split}.{name}')
-  files = {(s, k): open(path(s, k), 'wb') for s in SPLITS for k in ('tokens', 'lengths', 'documents')}
-  totals = {s: collections.Counter() for s in SPLITS}
-  skipped = collections.Counter(documents.skipped)
+def parts_dir(directory: str) -> str:
+  return directory + '.parts'
+
+
+def share(n: int, index: int, count: int) -> range:
+  """Process `index` of `count`'s contiguous share of n blocks."""
+  return range(n * index // count, n * (index + 1) // count)
+
+
+def write_part(documents, held_out: np.ndarray, tokenizer, body: int, directory: str, index: int, count: int,
+               threads: int = 4) -> dict:
+  """Process `index` of `count` tokenises its contiguous share of the blocks into parts_dir(directory)/index
+  (a part left there by a killed run is replaced); `join` then makes `directory` from all the parts, the same
+  bytes as `prepare` writes. Returns the part's statistics."""
+  parts = parts_dir(directory)
+  os.makedirs(parts, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parts)
+  blocks = share(_blocks(documents), index, count)
   try:
-    for n, (out, block_skipped) in enumerate(stream, 1):
+    part = _write(documents, held_out, tokenizer, body, tmp, blocks, threads, with_documents_skipped=index == 0)
+    with open(os.path.join(tmp, 'part.json'), 'w') as f:
+      json.dump(part, f)
+    final = os.path.join(parts, str(index))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  logging.info('process %d of %d tokenised blocks [%d, %d) of %d (%d records each)', index, count, blocks.start,
+               blocks.stop, _blocks(documents), BLOCK)
+  return part
+
+
+def join(directory: str, count: int) -> dict:
+  """Concatenates the `count` parts in order into `directory`, deletes them and returns the statistics."""
+  parts = parts_dir(directory)
+  dirs = [os.path.join(parts, str(i)) for i in range(count)]
+  stats = []
+  for d in dirs:
+    try:
+      with open(os.path.join(d, 'part.json')) as f:
+        stats.append(json.load(f))
+    except (OSError, ValueError) as e:
+      raise ConfigError(f'data.data_dir: tokenised part {d} cannot be read ({type(e).__name__}: {e}); a '
+                        'multi-host run needs a data dir every host can see') from None
+  tmp = _tmp_beside(directory)
+  try:
+    _finish(tmp, dirs, stats)
+    _publish(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  shutil.rmtree(parts, ignore_errors=True)
+  return read_meta(directory)
+
+
+def _blocks(documents) -> int:
+  return -(-len(documents) // BLOCK)
+
+
+def _tmp_beside(directory: str) -> str:
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(prefix='.tmp-', dir=parent)
+
+
+def _publish(tmp: str, directory: str):
+  try:
+    os.rename(tmp, directory)
+  except OSError:  # another run published the same table first: use theirs
+    if not exists(directory):
+      raise
+
+
+def _write(documents, held_out, tokenizer, body, out, blocks: range, threads,
+           with_documents_skipped: bool = True) -> dict:
+  """Tokenises `blocks` into out/{split}.{tokens,lengths,documents}; returns the counts (a JSON dict)."""
+  dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.int32)
+  # In order: the read threads tokenise the next blocks while this one is written.
+  stream = grain.MapDataset.range(blocks.start, blocks.stop).map(_Block(documents, held_out, tokenizer, body, dtype))
+  stream = stream.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+  files = {(s, k): open(os.path.join(out, f'{s}.{k}'), 'wb') for s in SPLITS for k in ('tokens', 'lengths',
+                                                                                        'documents')}
+  totals = {s: collections.Counter() for s in SPLITS}
+  skipped = collections.Counter(documents.skipped if with_documents_skipped else {})
+  try:
+    for n, (out_block, block_skipped) in enumerate(stream, 1):
       skipped.update(block_skipped)
       for s in SPLITS:
-        o = out[s]
+        o = out_block[s]
         files[s, 'tokens'].write(o['tokens'].tobytes())
         files[s, 'lengths'].write(np.asarray(o['lengths'], np.int64).tobytes())
         files[s, 'documents'].write(np.asarray(o['documents'], np.int64).tobytes())
         totals[s].update({k: o[k] for k in ('docs', 'doc_tokens', 'long', 'short_tails')})
       if n % 1000 == 0:
-        logging.info('tokenised %d of %d blocks of %d records', n, blocks, BLOCK)
+        logging.info('tokenised %d of %d blocks of %d records', n, len(blocks), BLOCK)
   finally:
     for f in files.values():
       f.close()
-  pieces = {}
+  return {'records': len(documents), 'body': body, 'dtype': dtype.str, 'skipped': dict(skipped),
+          'totals': {s: dict(totals[s]) for s in SPLITS}}
+
+
+def _finish(tmp: str, dirs: list[str], parts: list[dict]):
+  """The parts' files (in `dirs`, in order) as one set in `tmp`: tokens and documents concatenated, lengths ->
+  offsets, and meta.json with the summed statistics. A part already in `tmp` is used in place."""
+  for s in SPLITS:
+    for k in ('tokens', 'documents'):
+      target = os.path.join(tmp, f'{s}.{k}')
+      if dirs != [tmp]:
+        with open(target, 'wb') as f:
+          for d in dirs:
+            with open(os.path.join(d, f'{s}.{k}'), 'rb') as src:
+              shutil.copyfileobj(src, f, 1 << 24)
+  counts = {}
   for s in SPLITS:  # lengths -> offsets, a block at a time (a catalog dataset has billions of pieces)
-    lengths = _map(path(s, 'lengths'), np.int64)
-    with open(path(s, 'offsets'), 'wb') as f:
-      total = np.zeros(1, np.int64)
+    total, counts[s] = np.zeros(1, np.int64), 0
+    with open(os.path.join(tmp, f'{s}.offsets'), 'wb') as f:
       f.write(total.tobytes())
-      for start in range(0, len(lengths), 1 << 24):
-        ends = total[-1] + np.cumsum(lengths[start:start + (1 << 24)])
-        f.write(ends.tobytes())
-        total = ends
-    pieces[s] = len(lengths)
-    del lengths
-    os.remove(path(s, 'lengths'))
-  return {'records': len(documents), 'pieces': pieces, 'body': body,
-          'documents': {s: totals[s]['docs'] for s in SPLITS},
-          'tokens': {s: totals[s]['doc_tokens'] for s in SPLITS},
-          'long_documents': {s: totals[s]['long'] for s in SPLITS},
-          'short_tails': {s: totals[s]['short_tails'] for s in SPLITS},
-          'skipped': dict(skipped)}
+      for d in dirs:
+        lengths = _map(os.path.join(d, f'{s}.lengths'), np.int64)
+        counts[s] += len(lengths)
+        for start in range(0, len(lengths), 1 << 24):
+          ends = total[-1] + np.cumsum(lengths[start:start + (1 << 24)])
+          f.write(ends.tobytes())
+          total = ends
+        del lengths
+    if dirs == [tmp]:
+      os.remove(os.path.join(tmp, f'{s}.lengths'))
+  totals = {s: collections.Counter() for s in SPLITS}
+  skipped = collections.Counter()
+  for p in parts:
+    skipped.update(p['skipped'])
+    for s in SPLITS:
+      totals[s].update(p['totals'][s])
+  stats = {'records': parts[0]['records'], 'pieces': counts, 'body': parts[0]['body'],
+           'documents': {s: totals[s]['docs'] for s in SPLITS},
+           'tokens': {s: totals[s]['doc_tokens'] for s in SPLITS},
+           'long_documents': {s: totals[s]['long'] for s in SPLITS},
+           'short_tails': {s: totals[s]['short_tails'] for s in SPLITS},
+           'skipped': dict(skipped), 'dtype': parts[0]['dtype']}
+  with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+    json.dump(stats, f, indent=1)
 
 
 def summary(stats: dict, seq_len: int) -> str:

@@ -112,20 +112,34 @@ class Data:
 
 
 def prepare_pieces(config, workdir: str, documents, held_out, tok, body: int):
-  """The directory of the corpus's pieces (posjax/data/pieces.py) and their statistics; on several hosts,
-  process 0 tokenises and the others wait for it."""
+  """The directory of the corpus's pieces (posjax/data/pieces.py) and their statistics; on several hosts each
+  process tokenises its share of the corpus and process 0 joins the parts."""
   data_dir = config.data.data_dir or sources.default_data_dir(workdir)
   directory = pieces.cache_dir(data_dir, documents, config.seed, config.data.eval_fraction, tok, body)
-  if jax.process_index() == 0:
-    stats = pieces.prepare(documents, held_out, tok, body, directory)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('posjax pieces written')
-    if not os.path.exists(os.path.join(directory, 'meta.json')):
-      raise ConfigError(f'data.data_dir: {data_dir} (written by process 0) is not visible to process '
-                        f'{jax.process_index()}: a multi-host run needs a shared data dir')
-    stats = pieces.prepare(documents, held_out, tok, body, directory)  # reads meta.json
-  return directory, stats
+  if jax.process_count() == 1:
+    return directory, pieces.prepare(documents, held_out, tok, body, directory)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  index, count = jax.process_index(), jax.process_count()
+  # Every process follows process 0's view of the cache, so that all of them reach the same barriers.
+  if not multihost_utils.broadcast_one_to_all(np.int32(pieces.exists(directory))):
+    pieces.write_part(documents, held_out, tok, body, directory, index, count)
+    multihost_utils.sync_global_devices('posjax pieces: parts written')
+    error = None
+    if index == 0:
+      try:
+        pieces.join(directory, count)
+      except Exception as e:  # pylint: disable=broad-except  (raised below, once every process knows)
+        error = e
+    # Process 0's failure is everyone's: the others would otherwise wait at the next barrier for ever.
+    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+      if error is not None:
+        raise error
+      raise ConfigError('process 0 could not join the tokenised parts of the corpus (its log says why)')
+  multihost_utils.sync_global_devices('posjax pieces written')
+  if not pieces.exists(directory):
+    raise ConfigError(f'data.data_dir: {data_dir} (written by process 0) is not visible to process {index}: a '
+                      'multi-host run needs a shared data dir')
+  return directory, pieces.read_meta(directory)
 
 
 def build_data(config, workdir: str) -> Data:
