@@ -99,9 +99,14 @@ def test_cli_on_a_pretraining_workdir(tmp_path, capsys):
   assert [r['length'] for r in rows] == [16, 32] and all(r['tokens'] > 0 for r in rows)
   assert all(np.isfinite(r['loss']) and r['note'] == '' for r in rows)  # t5 buckets: no length limit
   # The text is the trainer's own held-out half: documents the split put aside, none it trained on.
-  held = extrapolation.held_out_text(meta['config'], str(work))
+  held = list(extrapolation.held_out_text(meta['config'], str(work)))
   assert held and set(held) <= set(docs) and len(held) < len(docs)
   from posjax.data import sources
   assert held == [d for d, h in zip(docs, sources.held_out(len(docs), 0, 0.5)) if h]
+  # ... tokenised only as far as the evaluation reads: max_tokens and a little more, never the whole split.
+  tok = extrapolation.pretrained.load(str(work)).tokenizer
+  whole = extrapolation.token_stream(tok, held, 3, 10 ** 9)
+  head = extrapolation.token_stream(tok, held, 3, 40, block=2)
+  assert 40 <= len(head) < len(whole) and head.tobytes() == whole[:len(head)].tobytes()
   assert extrapolation.main([str(tmp_path / 'nothing')]) == 2
   assert 'not a posjax pretraining workdir' in capsys.readouterr().err

@@ -19,6 +19,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import sys
@@ -106,11 +107,11 @@ def evaluate_model(cfg: ModelConfig, params, stream: np.ndarray, specials: pretr
   return rows
 
 
-def held_out_text(config: dict, workdir: str, files: str = '') -> list[str]:
+def held_out_text(config: dict, workdir: str, files: str = ''):
   """The held-out documents of the run in `workdir` trained with `config` (the trainer's own source and eval
-  split), or those of `files`."""
+  split), or those of `files`: an iterator, read record by record."""
   if files:
-    return corpus_lib.read_files(files).documents
+    return iter(corpus_lib.read_files(files).documents)
   from posjax.data import sources  # pylint: disable=g-import-not-at-top
   from posjax.training import defaults  # pylint: disable=g-import-not-at-top
   data = defaults.pretraining_config(model_type='bert', objective='mlm', small=True,
@@ -118,7 +119,23 @@ def held_out_text(config: dict, workdir: str, files: str = '') -> list[str]:
   data.update({k: v for k, v in config.get('data', {}).items() if k in data})  # runs of older code lack some
   documents = sources.open_documents(data, workdir)
   held_out = sources.held_out(len(documents), config.get('seed', 0), data.eval_fraction)
-  return list(documents.iter_texts(np.flatnonzero(held_out), collections.Counter()))
+  return documents.iter_texts(np.flatnonzero(held_out), collections.Counter())
+
+
+def token_stream(tok, docs, sep: int, max_tokens: int, block: int = 256) -> np.ndarray:
+  """The documents' tokens, each followed by [SEP], as one int32 stream of at least `max_tokens` tokens where
+  the documents have that many: every length evaluates at most `max_tokens` from its start, so documents are
+  tokenised only until then (a catalog corpus's held-out split can be gigabytes of text)."""
+  parts, n = [], 0
+  docs = iter(docs)
+  while n < max_tokens:
+    texts = list(itertools.islice(docs, block))
+    if not texts:
+      break
+    for e in tok.encode_batch(texts, add_special_tokens=False):
+      parts.append(np.asarray(e.ids + [sep], np.int32))
+      n += len(parts[-1])
+  return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
 def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tokens: int = 65536,
@@ -131,9 +148,7 @@ def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tok
     raise ConfigError(f'{workdir}: its checkpoint does not record data.seq_len (the training length)')
   tok = pre.tokenizer
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
-  docs = held_out_text(pre.run_config, workdir, files)
-  stream = np.concatenate([np.asarray(e.ids + [specials.sep], np.int32)
-                           for e in tok.encode_batch(docs, add_special_tokens=False)])
+  stream = token_stream(tok, held_out_text(pre.run_config, workdir, files), specials.sep, max_tokens)
   cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
   return evaluate_model(cfg, params, stream, specials, pre.max_seq_len, multiples, max_tokens, seed=seed,
                         label=os.path.basename(os.path.normpath(workdir)), vocab_size=tok.get_vocab_size())
