@@ -53,6 +53,11 @@ def test_not_a_model_file_is_a_config_error(tmp_path):
     spm.from_model(str(tmp_path / 'x.model'))
 
 
+def test_training_on_no_text_says_so(tmp_path):
+  with pytest.raises(ConfigError, match='no usable text to train a SentencePiece vocabulary'):
+    spm.train_unigram(iter([]), 100, str(tmp_path))
+
+
 def test_albert_config_trains_a_sentencepiece_vocabulary(tmp_path, trained):
   from helpers import load_config_module
   assert load_config_module('albert').get_config('tiny').data.tokenizer_kind == 'sentencepiece'

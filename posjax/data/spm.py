@@ -33,9 +33,16 @@ def train_unigram(documents, vocab_size: int, directory: str) -> Tokenizer:
   """A unigram SentencePiece model of `documents` (as ALBERT's: specials at ids 0-4), written to
   `directory/spiece.model`, as a Tokenizer."""
   model = io.BytesIO()
+  fed = [0]
+
+  def sentences():
+    for d in documents:
+      fed[0] += 1
+      yield albert_preprocess(d)
+
   try:
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=(albert_preprocess(d) for d in documents), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
         model_type='unigram', pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece='<pad>', unk_piece='<unk>',
         control_symbols=['[CLS]', '[SEP]', '[MASK]'], input_sentence_size=1_000_000, shuffle_input_sentence=True,
         max_sentence_length=1 << 16, minloglevel=2, num_threads=2, hard_vocab_limit=False,
@@ -43,6 +50,9 @@ def train_unigram(documents, vocab_size: int, directory: str) -> Tokenizer:
         # model without them encodes identically in every implementation.
         split_digits=True)
   except RuntimeError as e:
+    if not fed[0]:
+      raise ConfigError('data: no usable text to train a SentencePiece vocabulary on (the training documents '
+                        'are empty or were all skipped)') from None
     raise ConfigError(f'data.vocab_size: SentencePiece training failed ({e})') from None
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, MODEL_FILE)
