@@ -95,7 +95,9 @@ def broadcast_batch(x_1x, batch: int):
   long as the attention matmuls) and ~2 GB/s for the MLM decoder's (B*P)x30522 bias gradient. The forward
   pass simplifies to a plain broadcast that fuses into its consumer; forward-mode autodiff works as usual."""
   ones_B = jnp.ones((batch,), x_1x.dtype)
-  return jnp.einsum('b,n->bn', ones_B, x_1x.reshape(-1)).reshape((batch,) + x_1x.shape[1:])
+  # HIGHEST: TPUs (bf16 passes) and GPUs (TF32) would otherwise round float32 cotangents before summing them.
+  return jnp.einsum('b,n->bn', ones_B, x_1x.reshape(-1), precision=jax.lax.Precision.HIGHEST).reshape(
+      (batch,) + x_1x.shape[1:])
 
 
 def argmax_last(x):

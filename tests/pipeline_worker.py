@@ -5,6 +5,7 @@
 The processes join through jax.distributed (gloo, coordinator on localhost:PORT) as hosts of a pod do, build
 the trainer's data (process 0 tokenises the corpus, the others wait for it in the shared data dir), read six
 batches of their own rows, and read batches 3-5 again from a new iterator set to the state saved after batch 2.
+With POSJAX_TEST_FAILING_PROCESS=i, process i fails while tokenising.
 """
 
 import logging
@@ -33,6 +34,13 @@ def main():
     c.distributed.update(initialize='on', coordinator_address=f'localhost:{port}',
                          num_processes=num_processes, process_id=process_id)
   distributed.initialize(c)
+  if os.environ.get('POSJAX_TEST_FAILING_PROCESS') == str(process_id):
+    from posjax.data import pieces
+    from posjax.errors import ConfigError
+
+    def fail(*args, **kwargs):
+      raise ConfigError('no space left on device (test)')
+    pieces.write_part = fail
   data = loop.build_data(c, workdir)
   it = pipeline.iterator(data.train)
   batches = [next(it) for _ in range(3)]

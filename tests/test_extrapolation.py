@@ -71,7 +71,7 @@ def test_absolute_past_its_table_is_a_row_not_a_crash():
   assert '| - | - | 0 | cannot run' in extrapolation.format_table(rows)
 
 
-def test_cli_on_a_pretraining_workdir(tmp_path, capsys):
+def test_cli_on_a_pretraining_workdir(tmp_path, capsys, monkeypatch):
   """A workdir as the trainer leaves it (checkpoint with meta, tokenizer, corpus files) evaluated by the CLI."""
   rng = np.random.default_rng(0)
   words = 'the a cat dog sat ran on under mat log and then it was big small'.split()
@@ -108,5 +108,12 @@ def test_cli_on_a_pretraining_workdir(tmp_path, capsys):
   whole = extrapolation.token_stream(tok, held, 3, 10 ** 9)
   head = extrapolation.token_stream(tok, held, 3, 40, block=2)
   assert 40 <= len(head) < len(whole) and head.tobytes() == whole[:len(head)].tobytes()
+  # A length longer than max_tokens still gets its one row (the stream is read that far), documents read one
+  # at a time here so that the stream stops where it may.
+  import functools
+  monkeypatch.setattr(extrapolation, 'token_stream', functools.partial(extrapolation.token_stream, block=1))
+  assert extrapolation.main([str(work), '--multiples=1,40', '--max_tokens=100', f'--output={out_json}']) == 0
+  rows = json.loads(out_json.read_text())
+  assert [r['length'] for r in rows] == [16, 640] and rows[1]['tokens'] > 0, rows
   assert extrapolation.main([str(tmp_path / 'nothing')]) == 2
   assert 'not a posjax pretraining workdir' in capsys.readouterr().err

@@ -174,14 +174,16 @@ def test_parts_tokenised_by_several_processes_join_into_the_same_bytes(tmp_path,
   held = rng.random(len(texts)) < 0.2
   one = pieces.prepare(docs, held, WordTok(), 30, str(tmp_path / 'one'))
   target = str(tmp_path / 'joined')
+  stale = pieces.parts_dir(target, 'killed-run')  # a killed run's parts: never read, deleted by the join
+  os.makedirs(os.path.join(stale, '0'))
   for i in reversed(range(count)):  # any order: each writes its own part
-    pieces.write_part(docs, held, WordTok(), 30, target, i, count)
+    pieces.write_part(docs, held, WordTok(), 30, target, i, count, 'this-run')
   assert not pieces.exists(target)
-  assert pieces.join(target, count) == one
+  assert pieces.join(target, count, 'this-run') == one
   assert sorted(os.listdir(target)) == sorted(os.listdir(tmp_path / 'one'))
   for name in os.listdir(target):
     assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'joined' / name).read_bytes(), name
-  assert not os.path.exists(pieces.parts_dir(target))
+  assert not [p for p in os.listdir(tmp_path) if '.parts-' in p]
   assert one['skipped'] == {'earlier': 2, 'records that are not valid UTF-8': 1}
   assert list(itertools.chain(*(pieces.share(5, i, count) for i in range(count)))) == list(range(5))
 
@@ -189,8 +191,8 @@ def test_parts_tokenised_by_several_processes_join_into_the_same_bytes(tmp_path,
 def test_a_missing_part_is_a_clear_error(tmp_path):
   from posjax.data import pieces
   from posjax.errors import ConfigError
-  with pytest.raises(ConfigError, match=r'part .*/p.parts/0 cannot be read.*every host can see'):
-    pieces.join(str(tmp_path / 'p'), 2)
+  with pytest.raises(ConfigError, match=r'part .*/p.parts-r/0 cannot be read.*every host can see'):
+    pieces.join(str(tmp_path / 'p'), 2, 'r')
 
 
 def test_pretraining_on_imdb_unlabelled_reviews(tmp_path, shared_data, caplog):
@@ -250,35 +252,62 @@ def test_checkpoint_without_data_state_still_resumes(tmp_path, caplog):
   assert 'unreadable' not in caplog.text
 
 
-def test_two_processes_read_their_halves_of_the_global_batches_and_resume(tmp_path):
-  """jax.distributed with 2 CPU processes: each tokenises half of the corpus, and reads its half of every global batch (NSP pairs and masks
-  included) of a one-process run over the same pieces, and a process's iterator restored from a saved state
-  goes on with exactly the batches it would have read."""
+def _free_port():
   import socket
-  import subprocess
-  import sys
-  from posjax.data import corpus
-  tokenizer.save(tokenizer.train_wordpiece(corpus.load('', 'text').documents[:300], 300), str(tmp_path))
-  tok = str(tmp_path / 'tokenizer.json')
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
-    port = sock.getsockname()[1]
+    return sock.getsockname()[1]
+
+
+def _run_workers(runs, tmp_path, tok, extra_env=None, timeout=300):
+  """{run name: [(num_processes, process_id, port)]} -> {(name, id): (returncode, log)}."""
+  import subprocess
+  import sys
   env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR'))}
+  env.update(extra_env or {})
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pipeline_worker.py')
-  runs = {'two': [(2, i, port) for i in range(2)], 'one': [(1, 0, 0)]}
   procs = [(name, i, subprocess.Popen([sys.executable, worker, str(n), str(i), str(p), str(tmp_path / name),
                                         str(tmp_path / f'{name}{i}.npz'), tok], env=env, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
            for name, args in runs.items() for n, i, p in args]
-  logs = {}
+  out = {}
   try:
     for name, i, proc in procs:
-      logs[name, i], _ = proc.communicate(timeout=300)
-      assert proc.returncode == 0, logs[name, i][-4000:]
+      log, _ = proc.communicate(timeout=timeout)
+      out[name, i] = proc.returncode, log
   finally:
     for _, _, proc in procs:
       if proc.poll() is None:
         proc.kill()
+  return out
+
+
+def _worker_tokenizer(tmp_path):
+  from posjax.data import corpus
+  tokenizer.save(tokenizer.train_wordpiece(corpus.load('', 'text').documents[:300], 300), str(tmp_path))
+  return str(tmp_path / 'tokenizer.json')
+
+
+def test_a_process_failing_to_tokenise_stops_every_process_with_a_clear_error(tmp_path):
+  """No process waits for ever at a barrier for one that has failed: all exit, each saying what happened."""
+  port = _free_port()
+  out = _run_workers({'two': [(2, i, port) for i in range(2)]}, tmp_path, _worker_tokenizer(tmp_path),
+                     {'POSJAX_TEST_FAILING_PROCESS': '1'}, timeout=120)
+  (code0, log0), (code1, log1) = out['two', 0], out['two', 1]
+  assert code1 != 0 and 'no space left on device (test)' in log1, log1[-3000:]
+  assert code0 != 0 and 'tokenising its share of the corpus failed on process(es) 1' in log0, log0[-3000:]
+
+
+def test_two_processes_read_their_halves_of_the_global_batches_and_resume(tmp_path):
+  """jax.distributed with 2 CPU processes: each tokenises half of the corpus and reads its half of every global
+  batch (NSP pairs and masks included) of a one-process run over the same pieces, and a process's iterator
+  restored from a saved state goes on with exactly the batches it would have read."""
+  port = _free_port()
+  out = _run_workers({'two': [(2, i, port) for i in range(2)], 'one': [(1, 0, 0)]}, tmp_path,
+                     _worker_tokenizer(tmp_path))
+  for code, log in out.values():
+    assert code == 0, log[-4000:]
+  logs = {k: log for k, (_, log) in out.items()}
   # The default corpus is two blocks of records: each process tokenised one of them.
   assert 'process 0 of 2 tokenised blocks [0, 1) of 2' in logs['two', 0], logs['two', 0][-3000:]
   assert 'process 1 of 2 tokenised blocks [1, 2) of 2' in logs['two', 1], logs['two', 1][-3000:]

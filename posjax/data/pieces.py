@@ -22,6 +22,8 @@ process writing them all.
 from __future__ import annotations
 
 import collections
+import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -156,11 +158,14 @@ def prepare(documents, held_out: np.ndarray, tokenizer, body: int, directory: st
     _publish(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+  _drop_parts(directory)  # left by a killed multi-host run
   return read_meta(directory)
 
 
-def parts_dir(directory: str) -> str:
-  return directory + '.parts'
+def parts_dir(directory: str, run: str) -> str:
+  """Where run `run` (a name all its processes agree on, new per run) keeps its parts: runs of the same table
+  never read or delete each other's."""
+  return f'{directory}.parts-{run}'
 
 
 def share(n: int, index: int, count: int) -> range:
@@ -169,11 +174,11 @@ def share(n: int, index: int, count: int) -> range:
 
 
 def write_part(documents, held_out: np.ndarray, tokenizer, body: int, directory: str, index: int, count: int,
-               threads: int = 4) -> dict:
-  """Process `index` of `count` tokenises its contiguous share of the blocks into parts_dir(directory)/index
-  (a part left there by a killed run is replaced); `join` then makes `directory` from all the parts, the same
-  bytes as `prepare` writes. Returns the part's statistics."""
-  parts = parts_dir(directory)
+               run: str, threads: int = 4) -> dict:
+  """Process `index` of `count` tokenises its contiguous share of the blocks into parts_dir(directory, run)/index;
+  `join` then makes `directory` from all the parts, the same bytes as `prepare` writes. Returns the part's
+  statistics."""
+  parts = parts_dir(directory, run)
   os.makedirs(parts, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parts)
   blocks = share(_blocks(documents), index, count)
@@ -181,9 +186,7 @@ def write_part(documents, held_out: np.ndarray, tokenizer, body: int, directory:
     part = _write(documents, held_out, tokenizer, body, tmp, blocks, threads, with_documents_skipped=index == 0)
     with open(os.path.join(tmp, 'part.json'), 'w') as f:
       json.dump(part, f)
-    final = os.path.join(parts, str(index))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+    os.rename(tmp, os.path.join(parts, str(index)))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   logging.info('process %d of %d tokenised blocks [%d, %d) of %d (%d records each)', index, count, blocks.start,
@@ -191,26 +194,33 @@ def write_part(documents, held_out: np.ndarray, tokenizer, body: int, directory:
   return part
 
 
-def join(directory: str, count: int) -> dict:
-  """Concatenates the `count` parts in order into `directory`, deletes them and returns the statistics."""
-  parts = parts_dir(directory)
-  dirs = [os.path.join(parts, str(i)) for i in range(count)]
-  stats = []
-  for d in dirs:
+def join(directory: str, count: int, run: str) -> dict:
+  """Concatenates run `run`'s `count` parts in order into `directory` and returns the statistics; then deletes
+  every run's parts of this table (those of killed runs too: each is as large as the corpus's tokens)."""
+  parts = parts_dir(directory, run)
+  if not exists(directory):  # else another run published the same table first
+    dirs = [os.path.join(parts, str(i)) for i in range(count)]
+    stats = []
+    for d in dirs:
+      try:
+        with open(os.path.join(d, 'part.json')) as f:
+          stats.append(json.load(f))
+      except (OSError, ValueError) as e:
+        raise ConfigError(f'data.data_dir: tokenised part {d} cannot be read ({type(e).__name__}: {e}); a '
+                          'multi-host run needs a data dir every host can see') from None
+    tmp = _tmp_beside(directory)
     try:
-      with open(os.path.join(d, 'part.json')) as f:
-        stats.append(json.load(f))
-    except (OSError, ValueError) as e:
-      raise ConfigError(f'data.data_dir: tokenised part {d} cannot be read ({type(e).__name__}: {e}); a '
-                        'multi-host run needs a data dir every host can see') from None
-  tmp = _tmp_beside(directory)
-  try:
-    _finish(tmp, dirs, stats)
-    _publish(tmp, directory)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  shutil.rmtree(parts, ignore_errors=True)
+      _finish(tmp, dirs, stats)
+      _publish(tmp, directory)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  _drop_parts(directory)
   return read_meta(directory)
+
+
+def _drop_parts(directory: str):
+  for parts in glob.glob(glob.escape(directory) + '.parts-*'):
+    shutil.rmtree(parts, ignore_errors=True)
 
 
 def _blocks(documents) -> int:
@@ -236,13 +246,14 @@ def _write(documents, held_out, tokenizer, body, out, blocks: range, threads,
   """Tokenises `blocks` into out/{split}.{tokens,lengths,documents}; returns the counts (a JSON dict)."""
   dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.int32)
   # In order: the read threads tokenise the next blocks while this one is written.
-  stream = grain.MapDataset.range(blocks.start, blocks.stop).map(_Block(documents, held_out, tokenizer, body, dtype))
+  stream = grain.MapDataset.range(blocks.start, blocks.stop).map(
+      _Block(documents, held_out, tokenizer, body, dtype))
   stream = stream.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
-  files = {(s, k): open(os.path.join(out, f'{s}.{k}'), 'wb') for s in SPLITS for k in ('tokens', 'lengths',
-                                                                                        'documents')}
   totals = {s: collections.Counter() for s in SPLITS}
   skipped = collections.Counter(documents.skipped if with_documents_skipped else {})
-  try:
+  with contextlib.ExitStack() as stack:
+    files = {(s, k): stack.enter_context(open(os.path.join(out, f'{s}.{k}'), 'wb'))
+             for s in SPLITS for k in ('tokens', 'lengths', 'documents')}
     for n, (out_block, block_skipped) in enumerate(stream, 1):
       skipped.update(block_skipped)
       for s in SPLITS:
@@ -253,9 +264,6 @@ def _write(documents, held_out, tokenizer, body, out, blocks: range, threads,
         totals[s].update({k: o[k] for k in ('docs', 'doc_tokens', 'long', 'short_tails')})
       if n % 1000 == 0:
         logging.info('tokenised %d of %d blocks of %d records', n, len(blocks), BLOCK)
-  finally:
-    for f in files.values():
-      f.close()
   return {'records': len(documents), 'body': body, 'dtype': dtype.str, 'skipped': dict(skipped),
           'totals': {s: dict(totals[s]) for s in SPLITS}}
 

@@ -101,27 +101,35 @@ def local_corpus_builder(files: str, text_field: str, data_dir: str) -> LocalCor
   return LocalCorpus(config=config, data_dir=data_dir, file_format='array_record')
 
 
+def _reopened(builder: LocalCorpus, data_dir: str) -> LocalCorpus:
+  """The same builder, made again to read what is on disk now (its content name is not hashed again)."""
+  return LocalCorpus(config=builder.builder_config, data_dir=data_dir, file_format='array_record')
+
+
+def _prepare(builder: LocalCorpus, data_dir: str):
+  if builder.is_prepared():
+    return
+  tfds.disable_progress_bar()
+  try:
+    builder.download_and_prepare()
+  except ConfigError:
+    raise
+  except (OSError, ValueError, RuntimeError):
+    # Another run preparing the same content into the same data dir may have won the race to publish it.
+    if not _reopened(builder, data_dir).is_prepared():
+      raise
+
+
 def prepare_local(files: str, text_field: str, data_dir: str) -> LocalCorpus:
   """The prepared builder of `files`; on several hosts, process 0 prepares it and the others wait."""
+  from posjax.training import distributed  # pylint: disable=g-import-not-at-top
   builder = local_corpus_builder(files, text_field, data_dir)
-  if not builder.is_prepared() and jax.process_index() == 0:
-    tfds.disable_progress_bar()
-    try:
-      builder.download_and_prepare()
-    except ConfigError:
-      raise
-    except (OSError, ValueError, RuntimeError):
-      # Another run preparing the same content into the same data dir may have won the race to publish it.
-      builder = local_corpus_builder(files, text_field, data_dir)
-      if not builder.is_prepared():
-        raise
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('posjax local corpus prepared')
-    builder = local_corpus_builder(files, text_field, data_dir)
-    if not builder.is_prepared():
-      raise ConfigError(f'data.data_dir: {data_dir} (prepared by process 0) is not visible to process '
-                        f'{jax.process_index()}: a multi-host run needs a shared data dir')
+  distributed.everyone(lambda: jax.process_index() == 0 and _prepare(builder, data_dir),
+                       'preparing the local corpus')
+  builder = _reopened(builder, data_dir)
+  if not builder.is_prepared():
+    raise ConfigError(f'data.data_dir: {data_dir} (prepared by process 0) is not visible to process '
+                      f'{jax.process_index()}: a multi-host run needs a shared data dir')
   return builder
 
 

@@ -49,6 +49,11 @@ def rows_of_length(stream: np.ndarray, length: int, specials: pretrain.Specials,
   return np.concatenate([cls, chunks, sep], axis=1).astype(np.int32)
 
 
+def rows_wanted(length: int, max_tokens: int) -> int:
+  """Rows evaluated at `length`: max_tokens worth, and at least one."""
+  return max(1, max_tokens // length)
+
+
 def mlm_scores(cfg: ModelConfig, params, batch) -> tuple[float, float, float]:
   """(summed cross-entropy, correct predictions, predictions) over a masked batch."""
   out = Bert(cfg).apply({'params': params}, batch['ids'], batch['mask'], mlm_positions_BxP=batch['positions'],
@@ -82,7 +87,7 @@ def evaluate_model(cfg: ModelConfig, params, stream: np.ndarray, specials: pretr
     if limit is not None and length > limit:
       rows.append({**row, 'loss': None, 'accuracy': None, 'tokens': 0, 'note': why})
       continue
-    ids = rows_of_length(stream, length, specials, max(1, max_tokens // length))
+    ids = rows_of_length(stream, length, specials, rows_wanted(length, max_tokens))
     if not len(ids):
       rows.append({**row, 'loss': None, 'accuracy': None, 'tokens': 0,
                    'note': f'the text has fewer than {length} tokens'})
@@ -124,8 +129,8 @@ def held_out_text(config: dict, workdir: str, files: str = ''):
 
 def token_stream(tok, docs, sep: int, max_tokens: int, block: int = 256) -> np.ndarray:
   """The documents' tokens, each followed by [SEP], as one int32 stream of at least `max_tokens` tokens where
-  the documents have that many: every length evaluates at most `max_tokens` from its start, so documents are
-  tokenised only until then (a catalog corpus's held-out split can be gigabytes of text)."""
+  the documents have that many, tokenised only until then: the evaluation reads only the start of the stream,
+  and a catalog corpus's held-out split can be gigabytes of text."""
   parts, n = [], 0
   docs = iter(docs)
   while n < max_tokens:
@@ -148,7 +153,9 @@ def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tok
     raise ConfigError(f'{workdir}: its checkpoint does not record data.seq_len (the training length)')
   tok = pre.tokenizer
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
-  stream = token_stream(tok, held_out_text(pre.run_config, workdir, files), specials.sep, max_tokens)
+  lengths = [int(round(m * pre.max_seq_len)) for m in multiples]
+  need = max(rows_wanted(n, max_tokens) * (n - 2) for n in lengths)  # a long length needs one row anyway
+  stream = token_stream(tok, held_out_text(pre.run_config, workdir, files), specials.sep, need)
   cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
   return evaluate_model(cfg, params, stream, specials, pre.max_seq_len, multiples, max_tokens, seed=seed,
                         label=os.path.basename(os.path.normpath(workdir)), vocab_size=tok.get_vocab_size())

@@ -69,3 +69,26 @@ def initialize(config) -> None:
     logging.set_verbosity(logging.WARNING)
   logging.info('process %d of %d; %d local and %d global devices', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def everyone(fn, what: str):
+  """fn()'s result here; on several processes, then a barrier at which every process learns whether fn failed
+  anywhere: where it did, its own error is raised, elsewhere a ConfigError naming those processes. Without it
+  the others would wait at their next collective for ever, for a process that is gone. For work that one
+  process does for all (`lambda: jax.process_index() == 0 and ...`) or that each does a share of."""
+  if jax.process_count() == 1:
+    return fn()
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  result, error = None, None
+  try:
+    result = fn()
+  except Exception as e:  # pylint: disable=broad-except  (raised below, once every process knows)
+    error = e
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+  if error is not None:
+    raise error
+  if failed.any():
+    raise ConfigError(f'{what} failed on process(es) {", ".join(map(str, np.flatnonzero(failed)))} (their logs '
+                      'say why)')
+  return result

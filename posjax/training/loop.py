@@ -87,10 +87,8 @@ def tokenizer_for(config, workdir: str, documents):
   elif jax.process_count() > 1:
     # Process 0 trains and the others read its file from the (shared) workdir: one vocabulary on record, which
     # every host (and every resume) tokenises with.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:
-      tokenizer_lib.save(train_tokenizer(config, workdir, documents), workdir)
-    multihost_utils.sync_global_devices('posjax tokenizer written')
+    distributed.everyone(lambda: jax.process_index() == 0 and tokenizer_lib.save(
+        train_tokenizer(config, workdir, documents), workdir), 'training the tokenizer')
     if not os.path.exists(saved):
       raise ConfigError(f'{saved} (written by process 0) is not visible to process {jax.process_index()}: a '
                         'multi-host run needs a shared workdir, or set data.tokenizer')
@@ -120,22 +118,17 @@ def prepare_pieces(config, workdir: str, documents, held_out, tok, body: int):
     return directory, pieces.prepare(documents, held_out, tok, body, directory)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   index, count = jax.process_index(), jax.process_count()
-  # Every process follows process 0's view of the cache, so that all of them reach the same barriers.
-  if not multihost_utils.broadcast_one_to_all(np.int32(pieces.exists(directory))):
-    pieces.write_part(documents, held_out, tok, body, directory, index, count)
-    multihost_utils.sync_global_devices('posjax pieces: parts written')
-    error = None
-    if index == 0:
-      try:
-        pieces.join(directory, count)
-      except Exception as e:  # pylint: disable=broad-except  (raised below, once every process knows)
-        error = e
-    # Process 0's failure is everyone's: the others would otherwise wait at the next barrier for ever.
-    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
-      if error is not None:
-        raise error
-      raise ConfigError('process 0 could not join the tokenised parts of the corpus (its log says why)')
-  multihost_utils.sync_global_devices('posjax pieces written')
+  # Process 0's view of the cache (so that every process reaches the same collectives) and a name for this
+  # run's parts.
+  cached, nonce = (int(x) for x in multihost_utils.broadcast_one_to_all(
+      np.array([pieces.exists(directory), np.random.default_rng().integers(1 << 31)], np.int32)))
+  if not cached:
+    run = f'{count}-{nonce:08x}'
+    distributed.everyone(lambda: pieces.write_part(documents, held_out, tok, body, directory, index, count, run),
+                         'tokenising its share of the corpus')
+    distributed.everyone(lambda: index == 0 and pieces.join(directory, count, run), 'joining the tokenised parts')
+  else:
+    multihost_utils.sync_global_devices('posjax pieces found')
   if not pieces.exists(directory):
     raise ConfigError(f'data.data_dir: {data_dir} (written by process 0) is not visible to process {index}: a '
                       'multi-host run needs a shared data dir')
