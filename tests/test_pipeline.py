@@ -174,25 +174,46 @@ def test_parts_tokenised_by_several_processes_join_into_the_same_bytes(tmp_path,
   held = rng.random(len(texts)) < 0.2
   one = pieces.prepare(docs, held, WordTok(), 30, str(tmp_path / 'one'))
   target = str(tmp_path / 'joined')
-  stale = pieces.parts_dir(target, 'killed-run')  # a killed run's parts: never read, deleted by the join
-  os.makedirs(os.path.join(stale, '0'))
   for i in reversed(range(count)):  # any order: each writes its own part
-    pieces.write_part(docs, held, WordTok(), 30, target, i, count, 'this-run')
+    pieces.write_part(docs, held, WordTok(), 30, target, i, count)
   assert not pieces.exists(target)
-  assert pieces.join(target, count, 'this-run') == one
+  assert pieces.join(target, count) == one
   assert sorted(os.listdir(target)) == sorted(os.listdir(tmp_path / 'one'))
   for name in os.listdir(target):
     assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'joined' / name).read_bytes(), name
-  assert not [p for p in os.listdir(tmp_path) if '.parts-' in p]
+  assert not os.path.exists(pieces.parts_dir(target, count))
   assert one['skipped'] == {'earlier': 2, 'records that are not valid UTF-8': 1}
   assert list(itertools.chain(*(pieces.share(5, i, count) for i in range(count)))) == list(range(5))
 
 
-def test_a_missing_part_is_a_clear_error(tmp_path):
-  from posjax.data import pieces
+def test_a_restarted_run_reuses_finished_parts_and_a_published_table_needs_none(tmp_path, monkeypatch):
+  import collections
+  from posjax.data import pieces, sources
   from posjax.errors import ConfigError
-  with pytest.raises(ConfigError, match=r'part .*/p.parts-r/0 cannot be read.*every host can see'):
-    pieces.join(str(tmp_path / 'p'), 2, 'r')
+
+  class Counted(ListSource):
+    reads = 0
+
+    def __getitems__(self, idx):
+      Counted.reads += len(idx)
+      return super().__getitems__(idx)
+
+  monkeypatch.setattr(pieces, 'BLOCK', 2)
+  docs = sources.Documents(Counted([{'text': 'abcdefghi ' * (10 + i)} for i in range(9)]), 'text', '9', 'test',
+                           collections.Counter())
+  held = np.arange(9) == 4
+  target = str(tmp_path / 'p')
+  with pytest.raises(ConfigError, match=r'part .*/p.parts-of-2/0 cannot be read.*every host can see'):
+    pieces.join(target, 2)
+  pieces.write_part(docs, held, WordTok(), 30, target, 1, 2)  # blocks 2-4: records 4-8; then the run is killed
+  assert Counted.reads == 5
+  pieces.write_part(docs, held, WordTok(), 30, target, 1, 2)  # restarted: the part is there, nothing is read
+  assert Counted.reads == 5
+  pieces.write_part(docs, held, WordTok(), 30, target, 0, 2)
+  joined = pieces.join(target, 2)
+  assert joined == pieces.prepare(docs, held, WordTok(), 30, str(tmp_path / 'one'))
+  # A concurrent run of the same table that finds it published (and no parts) goes on without error.
+  assert pieces.join(target, 3) == joined
 
 
 def test_pretraining_on_imdb_unlabelled_reviews(tmp_path, shared_data, caplog):

@@ -16,14 +16,15 @@ processes and runs on one host share the page cache.
 
 On several hosts the tokenising is shared: each process writes its contiguous share of the blocks as a part
 (`write_part`), and process 0 concatenates the parts in order (`join`), which gives the same bytes as one
-process writing them all.
+process writing them all. Parts are kept until the join, so a pod preempted while tokenising goes on from the
+parts it finished when restarted on as many hosts (parts for another host count stay behind: delete
+DIGEST.parts-of-N when no run is using them).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import hashlib
 import json
 import logging
@@ -158,14 +159,11 @@ def prepare(documents, held_out: np.ndarray, tokenizer, body: int, directory: st
     _publish(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  _drop_parts(directory)  # left by a killed multi-host run
   return read_meta(directory)
 
 
-def parts_dir(directory: str, run: str) -> str:
-  """Where run `run` (a name all its processes agree on, new per run) keeps its parts: runs of the same table
-  never read or delete each other's."""
-  return f'{directory}.parts-{run}'
+def parts_dir(directory: str, count: int) -> str:
+  return f'{directory}.parts-of-{count}'
 
 
 def share(n: int, index: int, count: int) -> range:
@@ -174,53 +172,66 @@ def share(n: int, index: int, count: int) -> range:
 
 
 def write_part(documents, held_out: np.ndarray, tokenizer, body: int, directory: str, index: int, count: int,
-               run: str, threads: int = 4) -> dict:
-  """Process `index` of `count` tokenises its contiguous share of the blocks into parts_dir(directory, run)/index;
-  `join` then makes `directory` from all the parts, the same bytes as `prepare` writes. Returns the part's
-  statistics."""
-  parts = parts_dir(directory, run)
-  os.makedirs(parts, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parts)
+               threads: int = 4):
+  """Process `index` of `count` tokenises its contiguous share of the blocks into parts_dir(directory, count)/
+  index; `join` then makes `directory` from all the parts, the same bytes as `prepare` writes.
+
+  A part's bytes depend only on what `directory`'s name digests and on (index, count), so a part already in
+  place is used as it is: one left by a run killed after writing it (a restarted run on as many hosts goes on
+  from there), or one a concurrent run of the same table wrote."""
+  parts = parts_dir(directory, count)
+  final = os.path.join(parts, str(index))
   blocks = share(_blocks(documents), index, count)
+  if os.path.exists(os.path.join(final, 'part.json')):
+    logging.info('process %d of %d: reusing its tokenised part %s', index, count, final)
+    return
   try:
-    part = _write(documents, held_out, tokenizer, body, tmp, blocks, threads, with_documents_skipped=index == 0)
-    with open(os.path.join(tmp, 'part.json'), 'w') as f:
-      json.dump(part, f)
-    os.rename(tmp, os.path.join(parts, str(index)))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  logging.info('process %d of %d tokenised blocks [%d, %d) of %d (%d records each)', index, count, blocks.start,
-               blocks.stop, _blocks(documents), BLOCK)
-  return part
-
-
-def join(directory: str, count: int, run: str) -> dict:
-  """Concatenates run `run`'s `count` parts in order into `directory` and returns the statistics; then deletes
-  every run's parts of this table (those of killed runs too: each is as large as the corpus's tokens)."""
-  parts = parts_dir(directory, run)
-  if not exists(directory):  # else another run published the same table first
-    dirs = [os.path.join(parts, str(i)) for i in range(count)]
-    stats = []
-    for d in dirs:
-      try:
-        with open(os.path.join(d, 'part.json')) as f:
-          stats.append(json.load(f))
-      except (OSError, ValueError) as e:
-        raise ConfigError(f'data.data_dir: tokenised part {d} cannot be read ({type(e).__name__}: {e}); a '
-                          'multi-host run needs a data dir every host can see') from None
-    tmp = _tmp_beside(directory)
+    os.makedirs(parts, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parts)
     try:
-      _finish(tmp, dirs, stats)
-      _publish(tmp, directory)
+      part = _write(documents, held_out, tokenizer, body, tmp, blocks, threads, with_documents_skipped=index == 0)
+      with open(os.path.join(tmp, 'part.json'), 'w') as f:
+        json.dump(part, f)
+      try:
+        os.rename(tmp, final)
+      except OSError:  # a concurrent run's identical part came first
+        if not os.path.exists(os.path.join(final, 'part.json')):
+          raise
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
-  _drop_parts(directory)
+  except OSError:
+    if exists(directory):  # a concurrent run published the table and removed the parts under us
+      return
+    raise
+  logging.info('process %d of %d tokenised blocks [%d, %d) of %d (%d records each)', index, count, blocks.start,
+               blocks.stop, _blocks(documents), BLOCK)
+
+
+def join(directory: str, count: int) -> dict:
+  """Concatenates the `count` parts in order into `directory`, deletes them and returns the statistics."""
+  parts = parts_dir(directory, count)
+  try:
+    if not exists(directory):  # else a concurrent run published the same table first
+      dirs = [os.path.join(parts, str(i)) for i in range(count)]
+      stats = []
+      for d in dirs:
+        try:
+          with open(os.path.join(d, 'part.json')) as f:
+            stats.append(json.load(f))
+        except (OSError, ValueError) as e:
+          raise ConfigError(f'data.data_dir: tokenised part {d} cannot be read ({type(e).__name__}: {e}); a '
+                            'multi-host run needs a data dir every host can see') from None
+      tmp = _tmp_beside(directory)
+      try:
+        _finish(tmp, dirs, stats)
+        _publish(tmp, directory)
+      finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+  except (OSError, ConfigError):
+    if not exists(directory):
+      raise
+  shutil.rmtree(parts, ignore_errors=True)
   return read_meta(directory)
-
-
-def _drop_parts(directory: str):
-  for parts in glob.glob(glob.escape(directory) + '.parts-*'):
-    shutil.rmtree(parts, ignore_errors=True)
 
 
 def _blocks(documents) -> int:

@@ -118,15 +118,11 @@ def prepare_pieces(config, workdir: str, documents, held_out, tok, body: int):
     return directory, pieces.prepare(documents, held_out, tok, body, directory)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   index, count = jax.process_index(), jax.process_count()
-  # Process 0's view of the cache (so that every process reaches the same collectives) and a name for this
-  # run's parts.
-  cached, nonce = (int(x) for x in multihost_utils.broadcast_one_to_all(
-      np.array([pieces.exists(directory), np.random.default_rng().integers(1 << 31)], np.int32)))
-  if not cached:
-    run = f'{count}-{nonce:08x}'
-    distributed.everyone(lambda: pieces.write_part(documents, held_out, tok, body, directory, index, count, run),
+  # Every process follows process 0's view of the cache, so that all of them reach the same collectives.
+  if not multihost_utils.broadcast_one_to_all(np.int32(pieces.exists(directory))):
+    distributed.everyone(lambda: pieces.write_part(documents, held_out, tok, body, directory, index, count),
                          'tokenising its share of the corpus')
-    distributed.everyone(lambda: index == 0 and pieces.join(directory, count, run), 'joining the tokenised parts')
+    distributed.everyone(lambda: index == 0 and pieces.join(directory, count), 'joining the tokenised parts')
   else:
     multihost_utils.sync_global_devices('posjax pieces found')
   if not pieces.exists(directory):
