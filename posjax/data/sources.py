@@ -106,27 +106,32 @@ def _reopened(builder: LocalCorpus, data_dir: str) -> LocalCorpus:
   return LocalCorpus(config=builder.builder_config, data_dir=data_dir, file_format='array_record')
 
 
-def _prepare(builder: LocalCorpus, data_dir: str):
+def _prepare(builder: LocalCorpus, data_dir: str) -> LocalCorpus:
   if builder.is_prepared():
-    return
+    return builder
   tfds.disable_progress_bar()
   try:
     builder.download_and_prepare()
+    return builder
   except ConfigError:
     raise
   except (OSError, ValueError, RuntimeError):
     # Another run preparing the same content into the same data dir may have won the race to publish it.
-    if not _reopened(builder, data_dir).is_prepared():
+    builder = _reopened(builder, data_dir)
+    if not builder.is_prepared():
       raise
+    return builder
 
 
 def prepare_local(files: str, text_field: str, data_dir: str) -> LocalCorpus:
   """The prepared builder of `files`; on several hosts, process 0 prepares it and the others wait."""
-  from posjax.training import distributed  # pylint: disable=g-import-not-at-top
   builder = local_corpus_builder(files, text_field, data_dir)
+  if jax.process_count() == 1:
+    return _prepare(builder, data_dir)
+  from posjax.training import distributed  # pylint: disable=g-import-not-at-top
   distributed.everyone(lambda: jax.process_index() == 0 and _prepare(builder, data_dir),
                        'preparing the local corpus')
-  builder = _reopened(builder, data_dir)
+  builder = _reopened(builder, data_dir)  # what process 0 wrote
   if not builder.is_prepared():
     raise ConfigError(f'data.data_dir: {data_dir} (prepared by process 0) is not visible to process '
                       f'{jax.process_index()}: a multi-host run needs a shared data dir')
