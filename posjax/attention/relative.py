@@ -15,7 +15,7 @@ matmul work from ~2x to ~(b+L)/L x that of q.k (at L=512, b=64: 44% fewer FLOPs 
 Each block's product is a row-major (B*H*b)x(b+L-1) matrix. The backward passes of the product
 (`block_dot`) and of the skew are written by hand: autodiff's versions copy the Nx(B*H*b)x(b+L-1) cotangent
 into a transposed layout, or re-read it through nested reshapes, and on CPU those copies cost more than the
-matmuls.
+matmuls. Being custom VJPs, they have no forward-mode rule: jax.jvp / jacfwd through these variants raise.
 """
 
 from __future__ import annotations
