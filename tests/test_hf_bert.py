@@ -105,3 +105,29 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
   (tmp_path / 'missing' / 'config.json').write_text('{"model_type": "albert"}')
   with pytest.raises(ConfigError, match='expected a BERT checkpoint'):
     hf_bert.import_bert(str(tmp_path / 'missing'))
+
+
+@pytest.mark.parametrize('position_embedding_type', ['absolute', 'relative_key_query'])
+def test_classifier_matches_bert_for_sequence_classification(tmp_path, position_embedding_type):
+  """Fine-tuning's Classifier (last layer on [CLS] alone) against transformers' BertForSequenceClassification."""
+  import dataclasses
+  from posjax.finetune.model import Classifier, encoder_config
+  torch.manual_seed(3)
+  hfc = transformers.BertConfig(
+      vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+      max_position_embeddings=40, position_embedding_type=position_embedding_type, num_labels=3)
+  model = transformers.BertForSequenceClassification(hfc).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(tmp_path)
+  cfg, params = hf_bert.import_bert(str(tmp_path))
+  cfg = encoder_config(dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0))
+  head = {'kernel': model.classifier.weight.detach().numpy().T, 'bias': model.classifier.bias.detach().numpy()}
+  bert = {k: v for k, v in params.items() if k != 'mlm_head'}
+  ids, mask, types = padded_batch()
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                token_type_ids=torch.tensor(types)).logits.numpy()
+  got = jax.jit(Classifier(cfg, 3).apply)({'params': {'bert': bert, 'out': head}}, ids, mask.astype(bool), types)
+  np.testing.assert_allclose(np.asarray(got), ref, atol=TOL, rtol=0)

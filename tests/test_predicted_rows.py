@@ -70,11 +70,33 @@ def test_the_last_layer_really_runs_on_fewer_rows():
 
 
 @pytest.mark.parametrize('fields', [dict(discriminator_head=True, pooler=False), dict()])
-def test_needs_positions_and_no_per_token_head(fields):
+def test_needs_positions_with_an_mlm_head_and_no_per_token_head(fields):
   cfg = posjax.ModelConfig(**{**BASE, **fields})
   ids, mask, pos = _batch()
   model = posjax.Bert(cfg)
   params = model.init(jax.random.PRNGKey(0), ids, mask)['params']
-  with pytest.raises(ValueError, match='only_predicted_rows needs mlm_positions_BxP'):
+  with pytest.raises(ValueError, match='only_predicted_rows needs a model without a discriminator head'):
     model.apply({'params': params}, ids, mask, mlm_positions_BxP=pos if fields else None,
                 only_predicted_rows=True)
+
+
+@pytest.mark.parametrize('fields', [dict(), dict(attention='relative_key_query'), dict(scan_layers=True)],
+                         ids=lambda f: ','.join(f'{k}={v}' for k, v in f.items()) or 'bert')
+def test_a_classifier_runs_the_last_layer_on_cls_alone(fields):
+  """Fine-tuning's Classifier reads [CLS] only: its logits and gradients equal those of the full encoder."""
+  from posjax.finetune.model import Classifier
+  cfg = posjax.ModelConfig(**{**BASE, **fields, 'mlm_head': False})
+  ids, mask, _ = _batch()
+  model = Classifier(cfg, 3)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), ids, mask, jnp.zeros_like(ids)))['params']
+
+  def full(p):  # the same head on the full encoder's [CLS] row
+    out = posjax.Bert(cfg).apply({'params': p['bert']}, ids, mask)
+    return out['pooled_BxD'] @ p['out']['kernel'] + p['out']['bias']
+
+  ref, g_ref = jax.value_and_grad(lambda p: jnp.sum(jnp.sin(full(p))))(params)
+  got, g = jax.value_and_grad(lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, ids, mask,
+                                                                      jnp.zeros_like(ids)))))(params)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ref), jax.tree_util.tree_leaves(g)):
+    np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))

@@ -29,14 +29,16 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, ids_BxL, mask_BxL, type_ids_BxL, deterministic: bool = True):
     cfg = self.config
-    out = Bert(cfg, name='bert')(ids_BxL, mask_BxL, type_ids_BxL, deterministic=deterministic)
+    # The head reads [CLS] alone, so the last layer's token-wise work runs on that row only.
+    out = Bert(cfg, name='bert')(ids_BxL, mask_BxL, type_ids_BxL, deterministic=deterministic,
+                                 only_predicted_rows=True)
     drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)  # noqa: E731
     dense = lambda n, names, name: layers.dense(  # noqa: E731
         n, names, stddev=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
     if cfg.pooler:
       x_BxD = drop(out['pooled_BxD'])
     else:
-      x_BxD = drop(out['hidden_BxLxD'][:, 0])
+      x_BxD = drop(out['hidden_BxRxD'][:, 0])
       x_BxD = layers.activation('gelu')(dense(cfg.hidden_size, ('embed', 'embed_out'), 'dense')(x_BxD))
       x_BxD = drop(x_BxD)
     logits_BxC = dense(self.num_labels, ('embed_out' if not cfg.pooler else 'embed', 'classes'), 'out')(x_BxD)

@@ -203,11 +203,12 @@ class Bert(nn.Module):
   all). Returns a dict with `hidden_BxLxD` and, as configured, `mlm_logits_BxLxV` (BxPxV when positions are
   given), `pooled_BxD`, `sentence_logits_Bx2` (NSP/SOP) and `discriminator_logits_BxL` (ELECTRA).
 
-  `only_predicted_rows=True` (pretraining; needs `mlm_positions_BxP` and no discriminator head): the last
-  layer computes its output projection and feed-forward only at [CLS] and the P predicted positions, all the
-  MLM and pooled heads read, and the dict has `hidden_BxRxD` (R = 1 + P: [CLS], then those positions)
-  instead of `hidden_BxLxD`. The heads' outputs are unchanged; for BERT-base at 15% masking this skips ~6%
-  of the encoder's FLOPs.
+  `only_predicted_rows=True`: the last layer computes its output projection and feed-forward only at [CLS]
+  and the P predicted positions (`mlm_positions_BxP`; needed with an MLM head), all that the MLM, pooled and
+  classification heads read, and the dict has `hidden_BxRxD` (R = 1 + P: [CLS], then those positions)
+  instead of `hidden_BxLxD`. The heads' outputs are unchanged; for BERT-base this skips ~6% of the encoder's
+  FLOPs in pretraining (15% masking) and in fine-tuning a classifier (R = 1). Not with a discriminator
+  head, which reads every position.
 
   `shared_embeddings`: an `Embeddings` module owned by a parent, so two encoders (ELECTRA's generator and
   discriminator) use one set of embedding parameters.
@@ -221,10 +222,12 @@ class Bert(nn.Module):
     cfg = self.config
     rows_BxR = None
     if only_predicted_rows:
-      if mlm_positions_BxP is None or cfg.discriminator_head:
-        raise ValueError('only_predicted_rows needs mlm_positions_BxP and a model without a discriminator '
-                         'head (which reads every position)')
-      rows_BxR = jnp.concatenate([jnp.zeros_like(mlm_positions_BxP[:, :1]), mlm_positions_BxP], axis=1)
+      if cfg.discriminator_head or (cfg.mlm_head and mlm_positions_BxP is None):
+        raise ValueError('only_predicted_rows needs a model without a discriminator head (which reads every '
+                         'position) and, with an MLM head, mlm_positions_BxP')
+      rows_BxR = jnp.zeros((ids_BxL.shape[0], 1), jnp.int32)  # [CLS]
+      if mlm_positions_BxP is not None:
+        rows_BxR = jnp.concatenate([rows_BxR, mlm_positions_BxP.astype(jnp.int32)], axis=1)
     if mask_BxL is None:
       mask_BxL = ids_BxL != cfg.pad_token_id
     mask_BxL = mask_BxL.astype(bool)
