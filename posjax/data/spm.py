@@ -33,11 +33,12 @@ def train_unigram(documents, vocab_size: int, directory: str) -> Tokenizer:
   """A unigram SentencePiece model of `documents` (as ALBERT's: specials at ids 0-4), written to
   `directory/spiece.model`, as a Tokenizer."""
   model = io.BytesIO()
-  fed = [0]
+  fed = 0
 
   def sentences():
+    nonlocal fed
     for d in documents:
-      fed[0] += 1
+      fed += 1
       yield albert_preprocess(d)
 
   try:
@@ -50,7 +51,7 @@ def train_unigram(documents, vocab_size: int, directory: str) -> Tokenizer:
         # model without them encodes identically in every implementation.
         split_digits=True)
   except RuntimeError as e:
-    if not fed[0]:
+    if not fed:
       raise ConfigError('data: no usable text to train a SentencePiece vocabulary on (the training documents '
                         'are empty or were all skipped)') from None
     raise ConfigError(f'data.vocab_size: SentencePiece training failed ({e})') from None

@@ -54,6 +54,15 @@ def rows_wanted(length: int, max_tokens: int) -> int:
   return max(1, max_tokens // length)
 
 
+def eval_length(multiple: float, train_len: int) -> int:
+  return int(round(multiple * train_len))
+
+
+def tokens_needed(multiples, train_len: int, max_tokens: int) -> int:
+  """Stream tokens `evaluate_model` reads at most (a length past max_tokens still takes one row)."""
+  return max(rows_wanted(n, max_tokens) * (n - 2) for n in (eval_length(m, train_len) for m in multiples))
+
+
 def mlm_scores(cfg: ModelConfig, params, batch) -> tuple[float, float, float]:
   """(summed cross-entropy, correct predictions, predictions) over a masked batch."""
   out = Bert(cfg).apply({'params': params}, batch['ids'], batch['mask'], mlm_positions_BxP=batch['positions'],
@@ -82,7 +91,7 @@ def evaluate_model(cfg: ModelConfig, params, stream: np.ndarray, specials: pretr
   score = jax.jit(functools.partial(mlm_scores, cfg))
   rows = []
   for m in multiples:
-    length = int(round(m * train_len))
+    length = eval_length(m, train_len)
     row = {'model': label, 'attention': cfg.attention, 'multiple': m, 'length': length}
     if limit is not None and length > limit:
       rows.append({**row, 'loss': None, 'accuracy': None, 'tokens': 0, 'note': why})
@@ -153,9 +162,8 @@ def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tok
     raise ConfigError(f'{workdir}: its checkpoint does not record data.seq_len (the training length)')
   tok = pre.tokenizer
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
-  lengths = [int(round(m * pre.max_seq_len)) for m in multiples]
-  need = max(rows_wanted(n, max_tokens) * (n - 2) for n in lengths)  # a long length needs one row anyway
-  stream = token_stream(tok, held_out_text(pre.run_config, workdir, files), specials.sep, need)
+  stream = token_stream(tok, held_out_text(pre.run_config, workdir, files), specials.sep,
+                        tokens_needed(multiples, pre.max_seq_len, max_tokens))
   cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
   return evaluate_model(cfg, params, stream, specials, pre.max_seq_len, multiples, max_tokens, seed=seed,
                         label=os.path.basename(os.path.normpath(workdir)), vocab_size=tok.get_vocab_size())
