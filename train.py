@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from posjax.errors import ConfigError, NonFiniteError
+from posjax.training import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
@@ -27,6 +28,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])} (flags take the form --name=value)')
+  logging.info(host_memory.keep_freed_memory())
   logging.info('config:\n%s', FLAGS.config)
   try:
     if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):

@@ -326,7 +326,8 @@ def ratios(report: dict) -> list[dict]:
 def markdown(report: dict) -> str:
   peak = report['matmul_peak_flops']
   lines = [f'Machine: {report["machine"]}; {report["dtype"]}, batch {report["batch"]}, median of '
-           f'{report["steps"]} steps; matmul peak {peak / 1e9:.1f} GFLOP/s; {report["date"]}.', '',
+           f'{report["steps"]} steps; matmul peak {peak / 1e9:.1f} GFLOP/s; {report["date"]}.'
+           + (f' {report["host_malloc"]}.' if report.get('host_malloc') else ''), '',
            '| model | size | L | step (ms) | tokens/s | compile (s) | GFLOP/step | MFU | peak mem (MB) | vs posjax absolute |',
            '|---|---|---|---|---|---|---|---|---|---|']
   ratio = {(x['name'], x['size'], x['seq_len']): x for x in ratios(report)}
@@ -382,7 +383,11 @@ def main(argv=None) -> int:
   except ConfigError as e:  # an unknown size or variant: one line naming the valid ones
     print(f'error: {e}', file=sys.stderr)
     return 2
-  report = run(args)
+  # Before the first computation: the same allocator for posjax and the peers (posjax.training.host_memory).
+  from posjax.training import host_memory
+  malloc = host_memory.keep_freed_memory()
+  print(malloc, flush=True)
+  report = {**run(args), 'host_malloc': malloc}
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
     json.dump({**report, 'ratios': ratios(report)}, f, indent=1)

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from posjax.errors import ConfigError
+from posjax.training import host_memory
 
 # configs/bert.py's shapes (tests/test_compare.py holds them equal), plus `micro` for tests and notebooks.
 SIZES = {
@@ -289,6 +290,7 @@ def main(argv=None) -> int:
   ap.add_argument('--quick', action='store_true',
                   help='tiny model, seq 64, 200 steps: under 10 minutes on 2 CPU cores for 3 variants')
   args = ap.parse_args(argv)
+  print(host_memory.keep_freed_memory(), file=sys.stderr, flush=True)
   overrides = dict(QUICK['overrides']) if args.quick else {}
   try:
     overrides.update(_parse_set(args.set))

@@ -36,7 +36,7 @@ from posjax.data import tokenizer as tokenizer_lib
 from posjax.errors import ConfigError
 from posjax.finetune import pretrained
 from posjax.models import Bert
-from posjax.training import steps
+from posjax.training import host_memory, steps
 
 
 def rows_of_length(stream: np.ndarray, length: int, specials: pretrain.Specials, max_rows: int) -> np.ndarray:
@@ -189,6 +189,7 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--output', default='', help='also write the rows as JSON here')
   args = parser.parse_args(argv)
+  print(host_memory.keep_freed_memory(), file=sys.stderr, flush=True)
   try:
     multiples = [float(m) for m in args.multiples.split(',') if m.strip()]
   except ValueError:
