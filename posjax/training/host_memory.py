@@ -9,12 +9,13 @@ instead of 1.92-2.52 s; ConvBERT, whose extra buffers churned more, went from 1.
 0.97-0.99x, and the README's tiny pretraining from 8.1 to 11.3 steps/s.
 
 The costs: the process keeps its peak host memory until it exits, which a trainer or a benchmark does
-anyway, and compiling is slower (BERT-base: 6.2-8.3 s against 5.3-6.6 s; one arena's lock is shared by
-XLA's compiler threads), repaid within the first ten steps. So it is applied only where the computation
+anyway, and compiling is slower (BERT-base: 6.2-8.3 s against 5.3-6.6 s, presumably one arena's lock shared
+by XLA's compiler threads), repaid within the first ten steps. So it is applied only where the computation
 runs on the CPU (an accelerator's buffers live on the device), and by programs (train.py, bench/run.py,
-`python -m posjax.compare`, `python -m posjax.finetune.extrapolation`), not on import. It must run before JAX initialises its backend: threads that
-have already allocated keep their arenas. The environment's MALLOC_* / GLIBC_TUNABLES settings, when given,
-win.
+`python -m posjax.compare`, `python -m posjax.finetune.extrapolation`, the quickstart notebook), not on
+import. It must run before JAX initialises its backend: threads that have already allocated keep their
+arenas (called after `jax.devices()`, it left the page faults as they were). The environment's MALLOC_* /
+GLIBC_TUNABLES settings, when given, win.
 """
 
 from __future__ import annotations
