@@ -290,7 +290,6 @@ def main(argv=None) -> int:
   ap.add_argument('--quick', action='store_true',
                   help='tiny model, seq 64, 200 steps: under 10 minutes on 2 CPU cores for 3 variants')
   args = ap.parse_args(argv)
-  print(host_memory.keep_freed_memory(), file=sys.stderr, flush=True)
   overrides = dict(QUICK['overrides']) if args.quick else {}
   try:
     overrides.update(_parse_set(args.set))
@@ -308,6 +307,7 @@ def main(argv=None) -> int:
       if not args.glue_dir:
         raise ConfigError('--glue needs --glue_dir: GLUE\'s root or the task\'s directory of TSV files')
       evaluations[args.glue] = glue_evaluation(args.glue, args.glue_dir, _parse_set(args.glue_set))
+    print(host_memory.keep_freed_memory(), file=sys.stderr, flush=True)
     run(variants, args.size or 'tiny', steps, args.out, args.seed, overrides, evaluations=evaluations)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -14,8 +14,10 @@ by XLA's compiler threads), repaid within the first ten steps. So it is applied 
 runs on the CPU (an accelerator's buffers live on the device), and by programs (train.py, bench/run.py,
 `python -m posjax.compare`, `python -m posjax.finetune.extrapolation`, the quickstart notebook), not on
 import. It must run before JAX initialises its backend: threads that have already allocated keep their
-arenas (called after `jax.devices()`, it left the page faults as they were). The environment's MALLOC_* /
-GLIBC_TUNABLES settings, when given, win.
+arenas (called after `jax.devices()`, it left the page faults as they were). Called later, it does
+nothing and says so. Left alone too: MALLOC_ARENA_MAX, MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_,
+MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES' glibc.malloc settings in the environment, and an allocator
+preloaded in place of glibc's (LD_PRELOAD of jemalloc, tcmalloc, ...).
 """
 
 from __future__ import annotations
@@ -37,30 +39,48 @@ _ENV = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLO
 
 def _accelerator_possible() -> bool:
   """Whether JAX may pick a GPU or TPU, judged without initialising a backend: the platforms asked for
-  (JAX_PLATFORMS), else whether a TPU library or a PJRT plugin (CUDA, ROCm, ...) is installed."""
+  (JAX_PLATFORMS; `cpu` alone makes it certain), else a PJRT plugin named in the environment, a TPU library,
+  or an installed PJRT plugin package (CUDA, ROCm, ...)."""
   asked = jax.config.jax_platforms
   if asked:
     return any(p.strip() not in ('', 'cpu') for p in asked.split(','))
-  if importlib.util.find_spec('libtpu') is not None:
+  if os.environ.get('PJRT_NAMES_AND_LIBRARY_PATHS') or os.environ.get('TPU_LIBRARY_PATH'):
     return True
   try:
-    import jax_plugins  # pylint: disable=g-import-not-at-top  (the namespace PJRT plugins install into)
-    if any(pkgutil.iter_modules(jax_plugins.__path__)):
+    if importlib.util.find_spec('libtpu') is not None:
       return True
-  except ImportError:
-    pass
-  return bool(importlib.metadata.entry_points(group='jax_plugins'))
+    try:
+      import jax_plugins  # pylint: disable=g-import-not-at-top  (the namespace PJRT plugins install into)
+      if any(pkgutil.iter_modules(jax_plugins.__path__)):
+        return True
+    except ImportError:
+      pass
+    return bool(importlib.metadata.entry_points(group='jax_plugins'))
+  except Exception:  # pylint: disable=broad-except  (an odd installation: assume an accelerator)
+    return True
+
+
+def _backend_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except Exception:  # pylint: disable=broad-except  (a JAX without it: assume started, change nothing)
+    return True
 
 
 def keep_freed_memory() -> str:
-  """On a CPU-only JAX with glibc, sets malloc to reuse freed memory rather than return it to the kernel;
-  returns what it did, as a line for the log."""
+  """On a CPU-only JAX with glibc's malloc, before JAX's backend starts, sets malloc to reuse freed memory
+  rather than return it to the kernel; returns what it did, as a line for the log."""
   if not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc':
     return 'host malloc: left as is (not glibc)'
+  if 'malloc' in os.environ.get('LD_PRELOAD', ''):
+    return 'host malloc: left as is (another allocator is preloaded)'
   if any(v in os.environ for v in _ENV) or 'glibc.malloc' in os.environ.get('GLIBC_TUNABLES', ''):
     return 'host malloc: left as the environment sets it'
   if _accelerator_possible():
     return 'host malloc: left as is (an accelerator may run the steps)'
+  if _backend_started():
+    return 'host malloc: left as is (JAX had started its backend; call this first)'
   libc = ctypes.CDLL(None)
   # A trim threshold of -1 turns trimming off (mallopt(3)).
   done = [libc.mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))]
