@@ -84,3 +84,15 @@ def test_nothing_changes_once_the_backend_has_started(monkeypatch):
   monkeypatch.setattr(host_memory, '_accelerator_possible', lambda: False)
   monkeypatch.setattr(host_memory.ctypes, 'CDLL', lambda *a: pytest.fail('mallopt called after start-up'))
   assert host_memory.keep_freed_memory() == 'host malloc: left as is (JAX had started its backend; call this first)'
+
+
+def test_left_alone_where_a_pjrt_plugin_package_is_installed(tmp_path):
+  # What jax[cuda12] and other PJRT plugins install: a module in the `jax_plugins` namespace package.
+  (tmp_path / 'jax_plugins' / 'xla_fake').mkdir(parents=True)
+  (tmp_path / 'jax_plugins' / 'xla_fake' / '__init__.py').write_text('')
+  code = 'from posjax.training import host_memory; print(host_memory.keep_freed_memory())'
+  env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+  del env['JAX_PLATFORMS']
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True,
+                       timeout=120).stdout.strip()
+  assert out == 'host malloc: left as is (an accelerator may run the steps)', out

@@ -189,12 +189,12 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--output', default='', help='also write the rows as JSON here')
   args = parser.parse_args(argv)
-  print(host_memory.keep_freed_memory(), file=sys.stderr, flush=True)
   try:
     multiples = [float(m) for m in args.multiples.split(',') if m.strip()]
   except ValueError:
     print(f'error: --multiples {args.multiples!r} must be comma-separated numbers', file=sys.stderr)
     return 2
+  print(host_memory.keep_freed_memory(), file=sys.stderr, flush=True)
   rows = []
   try:
     for w in args.workdirs:

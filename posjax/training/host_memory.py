@@ -49,12 +49,9 @@ def _accelerator_possible() -> bool:
   try:
     if importlib.util.find_spec('libtpu') is not None:
       return True
-    try:
-      import jax_plugins  # pylint: disable=g-import-not-at-top  (the namespace PJRT plugins install into)
-      if any(pkgutil.iter_modules(jax_plugins.__path__)):
-        return True
-    except ImportError:
-      pass
+    plugins = importlib.util.find_spec('jax_plugins')  # the namespace package PJRT plugins install into
+    if plugins is not None and any(pkgutil.iter_modules(plugins.submodule_search_locations or [])):
+      return True
     return bool(importlib.metadata.entry_points(group='jax_plugins'))
   except Exception:  # pylint: disable=broad-except  (an odd installation: assume an accelerator)
     return True
