@@ -5,83 +5,66 @@
     python train.py --config=configs/glue.py:sst2 --config.init_from=/tmp/posjax-tiny \
         --config.data.dir=GLUE_DIR --workdir=/tmp/sst2
 
-Rerunning with the same --workdir resumes from its latest checkpoint.
+`--config` takes a config file (FILE.py[:ARG]) or a config of the package (bert, albert, electra, convbert,
+glue: `--config=bert:tiny,tisa`); `--config.FIELD=VALUE` overrides any field. Rerunning with the same
+--workdir resumes from its latest checkpoint. Exit statuses: posjax/errors.py.
 """
 
-import importlib.util
-import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from posjax.errors import ConfigError, NonFiniteError
+from posjax import configs
+from posjax.errors import ConfigError, Error
 from posjax.training import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
-config_flags.DEFINE_config_file('config', None, 'A config file, optionally with an argument: FILE.py:ARG.',
-                                lock_config=True)
+flags.DEFINE_string('config', None, 'A config file, optionally with an argument (FILE.py:ARG), or a config of '
+                    'the package (bert, albert, electra, convbert, glue; e.g. bert:tiny,tisa). Override any '
+                    'field with --config.FIELD=VALUE.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
+def run(config, workdir: str) -> dict:
+  """Fine-tuning for a config with a `task` (configs/glue.py), else pretraining."""
+  if 'task' in config:
+    from posjax.finetune import finetuning  # pylint: disable=g-import-not-at-top  (after flags: faster --help)
+    return finetuning.run(config, workdir)
+  from posjax.training import pretraining  # pylint: disable=g-import-not-at-top
+  return pretraining.train_and_evaluate(config, workdir)
+
+
+def main(argv, config):
   if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])} (flags take the form --name=value)')
-  logging.info(host_memory.keep_freed_memory())
-  logging.info('config:\n%s', FLAGS.config)
-  try:
-    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
-      raise ConfigError(f'--workdir {FLAGS.workdir!r} is a file, not a directory')
-    if 'task' in FLAGS.config:  # configs/glue.py: fine-tuning
-      from posjax.finetune import loop as finetune  # pylint: disable=g-import-not-at-top
-      finetune.run(FLAGS.config, FLAGS.workdir)
-    else:
-      from posjax.training import loop  # pylint: disable=g-import-not-at-top  (after flags: faster --help)
-      loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: unexpected arguments: {" ".join(argv[1:])} (flags take the form --name=value)',
+          file=sys.stderr)
     sys.exit(2)
-  except NonFiniteError as e:
+  logging.info(host_memory.keep_freed_memory())
+  logging.info('config:\n%s', config)
+  from posjax.training import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    run(config, FLAGS.workdir)
+  except trainer.Stopped as e:
+    logging.warning('%s', e)
+    sys.exit(e.exit_code)
+  except Error as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(3)
-
-
-def check_config_args(argv):
-  """Evaluates --config=FILE.py:ARG and the names of --config.FIELD overrides once, up front, so a bad size,
-  variant or field name prints one line rather than the traceback ml_collections' flag parser wraps round it."""
-  config = None
-  for a in argv[1:]:
-    if a.startswith('--config='):
-      path, _, arg = a.split('=', 1)[1].partition(':')
-      if not os.path.isfile(path):
-        sys.exit(f'error: --config: {path!r} is not a file (e.g. --config=configs/bert.py:tiny)')
-      spec = importlib.util.spec_from_file_location('posjax_config_check', path)
-      module = importlib.util.module_from_spec(spec)
-      try:
-        spec.loader.exec_module(module)
-        config = module.get_config(arg) if arg else module.get_config()
-      except ConfigError as e:
-        sys.exit(f'error: {e}')
-  if config is None:
-    return
-  for a in argv[1:]:
-    if a.startswith('--config.'):
-      field = a[len('--config.'):].split('=', 1)[0]
-      node, walked = config, []
-      for part in field.split('.'):
-        if not hasattr(node, 'keys') or part not in node:
-          where = 'config.' + '.'.join(walked) if walked else 'config'
-          valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(none: not a group)'
-          sys.exit(f'error: unknown config field config.{field}; valid fields of {where}: {valid}')
-        node = node[part]
-        walked.append(part)
+    sys.exit(e.exit_code)
 
 
 def cli(argv):
-  """What `python train.py ARGS` does with argv = ['train.py', ARGS...]; exits (SystemExit) when done."""
-  check_config_args(argv)
-  app.run(main, argv=argv)
+  """What `python train.py ARGS` does with argv = ['train.py', ARGS...]; exits (SystemExit) when done. The
+  config file is executed once, and a bad size, variant or field prints one line."""
+  try:
+    config, rest = configs.from_argv(argv)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if config is not None:
+    config.lock()
+    rest.append(f'--config={next(a for a in argv if a.startswith("--config=")).split("=", 1)[1]}')
+  app.run(lambda a: main(a, config), argv=rest)
 
 
 if __name__ == '__main__':

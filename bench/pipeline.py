@@ -30,7 +30,7 @@ import optax  # noqa: E402
 from posjax.config import ModelConfig  # noqa: E402
 from posjax.data import pieces, pipeline, pretrain, sources, tokenizer  # noqa: E402
 from posjax.models import Bert  # noqa: E402
-from posjax.training import defaults, steps  # noqa: E402
+from posjax.training import defaults, objectives, steps  # noqa: E402
 
 BATCH, SEQ_LEN = 32, 128
 
@@ -66,11 +66,9 @@ def bench_pipeline(data, batches: int, worker_count: int, task: str | None):
 
 def bench_step(batch, timed_steps: int):
   cfg = ModelConfig(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
-  objective = steps.Objective('mlm', Bert(cfg))
+  objective = objectives.MaskedLM(Bert(cfg), SEQ_LEN, batch['positions'].shape[1])
   tx = optax.adamw(1e-4)
-  state = jax.jit(lambda: steps.init_state(objective, tx, 0, SEQ_LEN, batch['positions'].shape[1]))()
-  state = jax.tree_util.tree_map(lambda x: x.value if hasattr(x, 'value') else x, state,
-                                 is_leaf=lambda x: hasattr(x, 'names'))
+  state = jax.jit(lambda: nn.unbox(steps.init_state(tx, 0, steps.init_params(objective, 0))))()
   step = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx, lr_schedule=lambda s: 1e-4),
                  donate_argnums=0)
   state, m = step(state, batch)  # compile

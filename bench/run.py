@@ -88,7 +88,7 @@ def bench_posjax(name, config_file, arg, seq_len, batch, dtype, objective='mlm',
   """One posjax train step (steps.train_step, the trainer's own) on one device."""
   import flax.linen as nn
   from posjax.config import ModelConfig
-  from posjax.training import optimizer, steps as steps_lib
+  from posjax.training import objectives, optimizer, steps as steps_lib
   res = Result(name, '', seq_len, batch)
   config = load_config(config_file, arg)
   config.objective = objective
@@ -99,10 +99,10 @@ def bench_posjax(name, config_file, arg, seq_len, batch, dtype, objective='mlm',
        'max_position_embeddings': max(seq_len, config.model.max_position_embeddings),
        'hidden_dropout': 0.0, 'attention_dropout': 0.0, **(model_overrides or {})}
   mcfg = ModelConfig.from_dict(d)
-  objective_ = steps_lib.make_objective(config, mcfg)
-  tx = optimizer.make(config)
   p = math.ceil(seq_len * config.data.mask_prob)
-  state = jax.jit(lambda: nn.unbox(steps_lib.init_state(objective_, tx, 0, seq_len, p)))()
+  objective_ = objectives.make(config, mcfg, seq_len, p)
+  tx = optimizer.make(config)
+  state = jax.jit(lambda: nn.unbox(steps_lib.init_state(tx, 0, steps_lib.init_params(objective_, 0))))()
   fn = jax.jit(lambda s, b: steps_lib.train_step(s, b, objective=objective_, tx=tx,
                                                  lr_schedule=optimizer.schedule(config)), donate_argnums=0)
   return _compiled(res, fn, state, fake_batch(batch, seq_len, p))

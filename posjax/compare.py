@@ -3,9 +3,8 @@
     python -m posjax.compare --variants absolute,tisa,convfixed --size tiny --steps 600 --out runs/cmp
     python -m posjax.compare --quick --out runs/quick          # 3 variants, tiny, < 10 min on 2 CPU cores
 
-Every variant is trained by the ordinary trainer (`posjax.training.loop.train_and_evaluate`) from the
-config `configs/bert.py:SIZE,VARIANT` would give (built here from the same defaults, so an installed posjax
-needs no configs/ folder), in OUT/<variant>/. The first run trains the WordPiece vocabulary; the others
+Every variant is trained by the ordinary trainer (`posjax.training.pretraining.train_and_evaluate`) from the
+config `bert:SIZE,VARIANT` gives (posjax/configs/bert.py), in OUT/<variant>/. The first run trains the WordPiece vocabulary; the others
 reuse its tokenizer.json, and batches are a function of (seed, step), so all variants see the same token
 stream (the offline default corpus is read once and kept in OUT/default_corpus.jsonl.gz). Written to OUT:
 results.md and results.csv (parameters, final training loss, held-out MLM loss and accuracy, translation
@@ -13,7 +12,7 @@ invariance of the layer-0 positional attention, wall time) and loss_curves.png (
 metrics.jsonl). Rerunning resumes or reuses finished runs, as the trainer does.
 
 Optional columns: `--extrapolate 2,4` adds the held-out MLM loss at those multiples of the training length
-(`posjax.finetune.extrapolation`; absolute embeddings show `-` past their table), and `--glue TASK
+(`posjax.analysis.extrapolation`; absolute embeddings show `-` past their table), and `--glue TASK
 --glue_dir DIR` fine-tunes each pretrained variant on a GLUE task (or IMDB) with that task's preset and adds
 its dev score (`--glue_set FIELD=VALUE` overrides the fine-tuning config, e.g. num_train_steps=300).
 `register_evaluation(name, fn)` adds more: fn(workdir, config) -> dict of numbers, called after each run.
@@ -33,19 +32,13 @@ from typing import Callable
 
 import numpy as np
 
+from posjax import configs
+from posjax.configs import bert as bert_config
 from posjax.errors import ConfigError
 from posjax.training import host_memory
 
-# configs/bert.py's shapes (tests/test_compare.py holds them equal), plus `micro` for tests and notebooks.
-SIZES = {
-    'micro': (1, 32, 2),
-    'tiny': (2, 128, 2),
-    'mini': (4, 256, 4),
-    'small': (4, 512, 8),
-    'medium': (8, 512, 8),
-    'base': (12, 768, 12),
-    'large': (24, 1024, 16),
-}
+# posjax/configs/bert.py's sizes, plus `micro` (1 layer, width 32, feed-forward 64) for tests and notebooks.
+SIZES = ('micro',) + tuple(bert_config.SIZES)
 QUICK = dict(variants='absolute,tisa,convfixed', size='tiny', steps=200, overrides={
     'data.seq_len': 64, 'batch_size': 32, 'data.vocab_size': 4096, 'warmup_steps': 20, 'eval_batches': 4})
 MICRO = {'data.vocab_size': 1000, 'data.seq_len': 32, 'batch_size': 16, 'model.hidden_dropout': 0.0,
@@ -63,7 +56,7 @@ def extrapolation_evaluation(multiples: list[float], max_tokens: int = 16384) ->
   """Held-out MLM loss at each multiple of the training length (None where the model cannot run it)."""
   def evaluate(workdir, config):
     del config
-    from posjax.finetune import extrapolation  # pylint: disable=g-import-not-at-top
+    from posjax.analysis import extrapolation  # pylint: disable=g-import-not-at-top
     rows = extrapolation.evaluate_workdir(workdir, multiples, max_tokens=max_tokens)
     return {f'x{r["multiple"]:g}_loss': r['loss'] for r in rows}
   return evaluate
@@ -75,43 +68,28 @@ def glue_evaluation(task: str, directory: str, overrides: dict | None = None) ->
   from posjax.finetune import presets  # pylint: disable=g-import-not-at-top
   base = presets.finetune_config(task)  # an unknown task stops here, before any training
   base.data.dir = directory
-  _apply(base, overrides or {}, '--glue_set')
+  for k, v in (overrides or {}).items():
+    configs.override(base, k, v, '--glue_set')
 
   def evaluate(workdir, config):
     del config
-    from posjax.finetune import loop as finetune  # pylint: disable=g-import-not-at-top
+    from posjax.finetune import finetuning  # pylint: disable=g-import-not-at-top
     c = base.copy_and_resolve_references()
     c.init_from = workdir
-    return {'score': finetune.finetune_and_evaluate(c, os.path.join(workdir, f'finetune_{task}'))['score']}
+    return {'score': finetuning.finetune_and_evaluate(c, os.path.join(workdir, f'finetune_{task}'))['score']}
   return evaluate
-
-
-def _apply(config, overrides: dict, flag: str) -> None:
-  """Sets dotted fields (`data.seq_len`) of `config`; an unknown one is a ConfigError naming `flag`."""
-  for k, v in overrides.items():
-    target = config
-    *path, last = k.split('.')
-    for p in path:
-      if p not in target:
-        raise ConfigError(f'{flag} {k}: unknown config field {p!r}')
-      target = target[p]
-    if last not in target:
-      raise ConfigError(f'{flag} {k}: unknown config field {last!r}; fields here: {", ".join(sorted(target))}')
-    target[last] = v
 
 
 def make_config(size: str, variant: str, steps: int, seed: int = 0, overrides: dict | None = None):
   """The configs/bert.py config of SIZE,VARIANT for `steps` steps, logged every ~steps/40, evaluated and
   checkpointed at the end; `overrides` maps dotted field names to values."""
   from posjax.attention import registry  # pylint: disable=g-import-not-at-top
-  from posjax.training import defaults  # pylint: disable=g-import-not-at-top
   if size not in SIZES:
     raise ConfigError(f'unknown size {size!r}; valid sizes: {", ".join(SIZES)}')
   registry.parse(variant)
-  layers, hidden, heads = SIZES[size]
-  model = defaults.model_fields(hidden_size=hidden, num_layers=layers, num_heads=heads,
-                                intermediate_size=(2 if size == 'micro' else 4) * hidden, attention=variant)
-  c = defaults.pretraining_config(model_type='bert', objective='mlm', small=hidden <= 256, model=model)
+  c = bert_config.get_config(f'{"tiny" if size == "micro" else size},{variant}')
+  if size == 'micro':
+    c.model.update(dict(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64))
   c.seed = seed
   c.num_train_steps = steps
   c.warmup_steps = max(1, min(c.warmup_steps, steps // 10))
@@ -119,7 +97,8 @@ def make_config(size: str, variant: str, steps: int, seed: int = 0, overrides: d
   c.eval_every = steps
   c.checkpoint_every = steps
   c.keep_checkpoints = 1
-  _apply(c, {**(MICRO if size == 'micro' else {}), **(overrides or {})}, '--set')
+  for k, v in {**(MICRO if size == 'micro' else {}), **(overrides or {})}.items():
+    configs.override(c, k, v, '--set')
   return c
 
 
@@ -151,17 +130,17 @@ def read_metrics(workdir: str) -> dict[str, list]:
 
 def _param_count(config, vocab_size: int) -> int:
   import jax  # pylint: disable=g-import-not-at-top
-  from posjax.training import loop, steps  # pylint: disable=g-import-not-at-top
-  mcfg = loop.model_config(config, vocab_size)
-  objective = steps.make_objective(config, mcfg)
-  shapes = jax.eval_shape(lambda: objective.init(jax.random.PRNGKey(0), config.data.seq_len, 1))
+  from posjax.training import objectives, pretraining  # pylint: disable=g-import-not-at-top
+  objective = objectives.make(config, pretraining.model_config(config, vocab_size), config.data.seq_len, 1)
+  shapes = jax.eval_shape(objective.init, jax.random.PRNGKey(0))
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
 
 
 def _invariance(workdir: str, n: int) -> float | None:
   """Mean tau over heads of the last checkpoint's layer-0 positional attention (None: no such matrix)."""
-  from posjax.analysis import checkpoints, report  # pylint: disable=g-import-not-at-top
-  ck = checkpoints.load_workdir(workdir)
+  from posjax import analysis  # pylint: disable=g-import-not-at-top
+  from posjax.analysis import report  # pylint: disable=g-import-not-at-top
+  ck = analysis.load(workdir)
   pa = report.summary(ck.config, ck.params, n)['positional_attention']
   return None if pa is None else float(np.mean(pa[0]))
 
@@ -193,7 +172,7 @@ def run(variants: list[str], size: str, steps: int, out: str, seed: int = 0, ove
         log=print, evaluations: dict[str, Callable] | None = None) -> list[dict]:
   """Trains each variant in OUT/<variant>/ and writes results.md, results.csv and loss_curves.png to OUT.
   `evaluations` add columns like `register_evaluation`'s, for this call only."""
-  from posjax.training import loop  # pylint: disable=g-import-not-at-top
+  from posjax.training import pretraining  # pylint: disable=g-import-not-at-top
   if not variants:
     raise ConfigError('--variants is empty; give e.g. absolute,tisa,convfixed')
   if len(set(variants)) != len(variants):
@@ -210,7 +189,7 @@ def run(variants: list[str], size: str, steps: int, out: str, seed: int = 0, ove
       c.data.tokenizer = tokenizer
     log(f'[compare] {v}: {size}, {steps} steps -> {wd}')
     t0 = time.perf_counter()
-    last = loop.train_and_evaluate(c, wd)
+    last = pretraining.train_and_evaluate(c, wd)
     seconds = time.perf_counter() - t0
     tokenizer = tokenizer or os.path.join(wd, 'tokenizer.json')
     m = read_metrics(wd)
@@ -275,7 +254,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog='python -m posjax.compare', description=__doc__.splitlines()[0])
   ap.add_argument('--variants', default=None, help='comma-separated attention variants (default with --quick: '
                   f'{QUICK["variants"]})')
-  ap.add_argument('--size', default=None, choices=list(SIZES), help='model size (default tiny)')
+  ap.add_argument('--size', default=None, choices=SIZES, help='model size (default tiny)')
   ap.add_argument('--steps', type=int, default=None, help='training steps per variant (default 600; quick 200)')
   ap.add_argument('--out', required=True, help='directory for the workdirs, tables and plot')
   ap.add_argument('--seed', type=int, default=0)

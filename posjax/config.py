@@ -142,3 +142,12 @@ class ModelConfig:
     for name in ('dtype', 'param_dtype'):
       d[name] = jnp.dtype(d[name]).name
     return d
+
+
+# model.vocab_size 0 follows the tokenizer, rounded up: a trained vocabulary has any size (8141, say), and the
+# embedding's vocab axis must divide by the mesh axes it is sharded over (tensor parallelism, FSDP).
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(vocab_size: int) -> int:
+  return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE

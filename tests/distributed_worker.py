@@ -20,7 +20,7 @@ import jax  # noqa: E402
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import micro_config  # noqa: E402
-from posjax.training import loop  # noqa: E402
+from posjax.training import pretraining  # noqa: E402
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
   if num_processes > 1:
     c.distributed.update(initialize='on', coordinator_address=f'localhost:{port}',
                          num_processes=num_processes, process_id=process_id)
-  last = loop.train_and_evaluate(c, workdir)
+  last = pretraining.train_and_evaluate(c, workdir)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
   if jax.process_index() == 0:
     with open(out, 'w') as f:

@@ -1,18 +1,17 @@
 """Small configs shared by the tests."""
 
-import importlib.util
+import importlib
 import os
 
 import numpy as np
+
+from posjax import configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config_module(name='bert'):
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module(f'posjax.configs.{name}')
 
 
 def micro_config(arg='tiny', **overrides):
@@ -35,11 +34,7 @@ def micro_config(arg='tiny', **overrides):
   c.eval_batches = 2
   c.checkpoint_every = 20
   for k, v in overrides.items():
-    target = c
-    *path, last = k.split('.')
-    for p in path:
-      target = target[p]
-    target[last] = v
+    configs.override(c, k, v)
   return c
 
 
@@ -79,3 +74,17 @@ class ListPieces:
 
   def document(self, i):
     return self.items[i][0]
+
+
+def init_state(objective, tx, seed=0):
+  """The TrainState the trainer starts from (logical-axis boxes removed), on one device."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from posjax.training import steps  # pylint: disable=g-import-not-at-top
+  return jax.jit(lambda: nn.unbox(steps.init_state(tx, seed, steps.init_params(objective, seed))))()
+
+
+def mlm_objective(config, vocab=100, max_predictions=4):
+  """Pretraining's objective for `config` (a micro_config) with a `vocab`-token model."""
+  from posjax.training import objectives, pretraining  # pylint: disable=g-import-not-at-top
+  return objectives.make(config, pretraining.model_config(config, vocab), config.data.seq_len, max_predictions)

@@ -23,7 +23,8 @@ jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import micro_config  # noqa: E402
 from posjax.data import pipeline  # noqa: E402
-from posjax.training import distributed, loop  # noqa: E402
+from posjax.data import inputs  # noqa: E402
+from posjax.training import distributed  # noqa: E402
 
 
 def main():
@@ -41,7 +42,7 @@ def main():
     def fail(*args, **kwargs):
       raise ConfigError('no space left on device (test)')
     pieces.write_part = fail
-  data = loop.build_data(c, workdir)
+  data = inputs.get_datasets(c, workdir)
   it = pipeline.iterator(data.train)
   batches = [next(it) for _ in range(3)]
   state = it.get_state()

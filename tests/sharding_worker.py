@@ -15,7 +15,7 @@ from jax.sharding import AxisType  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import load_config_module  # noqa: E402
 from posjax.data import pipeline, pretrain  # noqa: E402
-from posjax.training import loop, optimizer, sharding, steps  # noqa: E402
+from posjax.training import objectives, optimizer, pretraining, sharding, trainer  # noqa: E402
 
 MESHES = {'single': (1, 1, 1), 'data': (8, 1, 1), 'fsdp': (1, 8, 1), 'tensor': (2, 1, 4), 'mix': (2, 2, 2)}
 
@@ -37,8 +37,7 @@ def config(name, variant):
 
 def main(name, variant, out):
   c = config(name, variant)
-  mcfg = loop.model_config(c, 128)
-  objective = steps.make_objective(c, mcfg, forbidden_ids=(0, 2, 3))
+  mcfg = pretraining.model_config(c, 128)
   tx, lr = optimizer.make(c), optimizer.schedule(c)
   rng = np.random.default_rng(0)
   ids = rng.integers(5, 128, size=(64, 16)).astype(np.int32)
@@ -49,13 +48,14 @@ def main(name, variant, out):
     examples['type_ids'] = (np.arange(16)[None] > 8).astype(np.int32).repeat(64, 0)
     examples['sentence_labels'] = rng.integers(0, 2, 64).astype(np.int32)
   data = pipeline.MLMBatches(examples, c.batch_size, pretrain.Specials(0, 2, 3, 4, 1), 128, seed=0)
+  objective = objectives.make(c, mcfg, 16, data.max_predictions, forbidden_ids=(0, 2, 3))
   results = {}
   for mesh_name, shape in MESHES.items():
     n = int(np.prod(shape))
     mesh = jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:n])
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(c)):
-      s = loop.sharded_steps(c, objective, tx, lr, mesh, data.max_predictions)
-      state = s.init()
+      s = trainer.sharded_steps(c, objective, tx, lr, mesh)
+      state = trainer.initial_state(s)
       if mesh_name == 'fsdp':
         leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
         total = sum(x.nbytes for x in leaves)

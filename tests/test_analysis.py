@@ -163,7 +163,7 @@ def test_hf_bert_checkpoint_against_transformers(tmp_path, capsys):
   (tmp_path / 'vocab.txt').write_text('\n'.join(words) + '\n')
 
   ck = analysis.load(str(tmp_path))
-  assert ck.source == 'hf:bert'
+  assert ck.kind == 'hf:bert'
   ids, tokens = analysis.tokenize(ck.tokenizer, 'w3 w17 w5 w30 w2', 32)
   assert tokens == ['[CLS]', 'w3', 'w17', 'w5', 'w30', 'w2', '[SEP]']
   with torch.no_grad():
@@ -192,4 +192,4 @@ def test_hf_bert_checkpoint_against_transformers(tmp_path, capsys):
 
 def test_cli_refuses_a_directory_that_is_no_checkpoint(tmp_path, capsys):
   assert cli.main(['--checkpoint', str(tmp_path), '--out', str(tmp_path / 'o')]) == 2
-  assert 'neither a posjax workdir' in capsys.readouterr().err
+  assert 'neither a Hugging Face checkpoint (no config.json) nor a posjax workdir' in capsys.readouterr().err

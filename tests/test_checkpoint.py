@@ -1,6 +1,9 @@
-"""A damaged latest checkpoint (truncated, missing or bit-flipped files) is skipped for the previous one."""
+"""A damaged latest checkpoint (truncated, missing or bit-flipped files, an edited data position) is skipped
+for the previous one and moved aside, so that it never blocks a save; a save that did not happen is an error;
+readers (fine-tuning, analysis, extrapolation) verify what they read as a resume does."""
 
 import glob
+import json
 import os
 
 import jax
@@ -8,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from posjax.errors import ConfigError
+from posjax.errors import ConfigError, WriteError
 from posjax.training import checkpoint
 
 MODEL = {'hidden_size': 8}
@@ -81,7 +84,7 @@ def test_a_flipped_bit_is_caught_by_the_checksum(tmp_path, caplog):
   workdir = saved_workdir(tmp_path)
   flip_a_bit(workdir)
   restore(workdir)
-  assert "is damaged (checksum mismatch in 1 leaves, e.g. ['params']['w'])" in caplog.text
+  assert "is damaged: checksum mismatch in 1 leaves, e.g. params['w']" in caplog.text
 
 
 def test_every_checkpoint_damaged_is_a_one_line_error(tmp_path):
@@ -111,3 +114,79 @@ def test_checksum_changes_with_any_single_bit_and_with_a_swap(dtype):
   i, j = np.flatnonzero(y != y[0])[0], 0
   y[[i, j]] = y[[j, i]]
   assert checkpoint.checksums({'x': y.reshape(x.shape)}) != base
+
+
+def save_more(workdir, steps):
+  mngr = checkpoint.manager(str(workdir), 5)
+  for s in steps:
+    checkpoint.save(mngr, s, state_at(s), {'model': MODEL})
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+@pytest.mark.parametrize('damage', [truncate, flip_a_bit, 'junk'], ids=lambda f: getattr(f, '__name__', f))
+def test_what_was_skipped_is_moved_aside_and_later_steps_are_saved(tmp_path, caplog, damage):
+  """A damaged (or stray, not-a-checkpoint) step newer than the one resumed from made orbax decline every
+  later save without a word; now it is moved aside, named in the log, and the rerun's saves happen."""
+  workdir = saved_workdir(tmp_path)
+  if damage == 'junk':
+    os.makedirs(os.path.join(workdir, 'checkpoints', '999'))
+  else:
+    damage(workdir)
+  assert same(restore(workdir), state_at(2 if damage == 'junk' else 1))
+  moved = '999' if damage == 'junk' else '2'
+  assert f'moved checkpoint {moved} aside to' in caplog.text
+  assert os.path.isdir(os.path.join(workdir, checkpoint.SET_ASIDE, moved))
+  save_more(workdir, [3])
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())[-1] == 3
+  assert same(restore(workdir), state_at(3))
+
+
+def test_a_save_orbax_declines_is_an_error_not_a_success(tmp_path):
+  workdir = saved_workdir(tmp_path, steps=(5,))
+  mngr = checkpoint.manager(str(workdir), 5)
+  with pytest.raises(WriteError, match=r'checkpoint at step 3 was not written: .* already holds step 5'):
+    checkpoint.save(mngr, 3, state_at(3), {'model': MODEL})
+  mngr.close()
+
+
+def test_an_edited_data_position_is_caught_and_the_tokenizer_is_tied_to_the_checkpoint(tmp_path, caplog):
+  import grain  # pylint: disable=g-import-not-at-top
+  data = grain.MapDataset.range(1000).to_iter_dataset()
+  mngr = checkpoint.manager(str(tmp_path), 5)
+  it = iter(data)
+  for step in (1, 2):
+    next(it)
+    checkpoint.save(mngr, step, state_at(step), {'model': MODEL, 'tokenizer_sha256': 'abc'}, data=it)
+  mngr.wait_until_finished()
+  mngr.close()
+  path = glob.glob(os.path.join(tmp_path, 'checkpoints', '2', 'data', '*.json'))[0]
+  saved = json.load(open(path))
+  assert saved['next_index'] == 2
+  with open(path, 'w') as f:
+    json.dump({**saved, 'next_index': 7}, f)
+  mngr = checkpoint.manager(str(tmp_path), 5)
+  it = iter(data)
+  state, _ = checkpoint.restore_latest(mngr, jax.eval_shape(lambda: state_at(0)), MODEL, str(tmp_path), data=it,
+                                       tokenizer_digest='abc')
+  assert same(state, state_at(1)) and next(it) == 1
+  assert "data iterator's saved position does not match its checksum" in caplog.text
+  with pytest.raises(ConfigError, match='its tokenizer is not the one the checkpoint at step 1 was trained with'):
+    checkpoint.restore_latest(mngr, jax.eval_shape(lambda: state_at(0)), MODEL, str(tmp_path), data=iter(data),
+                              tokenizer_digest='abd')
+  mngr.close()
+
+
+def test_readers_verify_like_a_resume_and_change_nothing(tmp_path, caplog):
+  workdir = saved_workdir(tmp_path)
+  step, meta, params = checkpoint.read(str(workdir))
+  assert step == 2 and meta['model'] == MODEL and same(params, state_at(2)['params'])
+  flip_a_bit(workdir)
+  step, _, params = checkpoint.read(str(workdir))
+  assert step == 1 and same(params, state_at(1)['params'])
+  assert "checkpoint at step 2 in" in caplog.text and 'is damaged' in caplog.text
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '2'))  # a reader moves nothing
+  with pytest.raises(ConfigError, match=r'none of its checkpoints \(2\) can be read'):
+    checkpoint.read(str(workdir), step=2)
+  with pytest.raises(ConfigError, match=r'has no checkpoint at step 7; it has 1, 2'):
+    checkpoint.read(str(workdir), step=7)

@@ -1,5 +1,5 @@
-"""posjax.compare: its sizes are configs/bert.py's, its tables and plot come from the runs' metrics.jsonl, bad
-arguments stop before any training; one real end-to-end run (the `--quick` recipe, shortened) is `slow`
+"""posjax.compare: its configs are posjax/configs/bert.py's with the run length set, its tables and plot come
+from the runs' metrics.jsonl, bad arguments stop before any training; one real end-to-end run (the `--quick` recipe, shortened) is `slow`
 (the quickstart notebook test runs `compare.run` end to end in the default suite)."""
 
 import csv
@@ -12,9 +12,8 @@ from helpers import load_config_module
 from posjax import compare
 
 
-def test_sizes_and_config_match_configs_bert():
+def test_config_is_configs_bert_with_the_run_length():
   bert = load_config_module('bert')
-  assert {k: v for k, v in compare.SIZES.items() if k != 'micro'} == bert.SIZES
   ours = compare.make_config('mini', 'tisa+convq', 1000, seed=3)
   theirs = bert.get_config('mini,tisa+convq')
   assert ours.model.to_dict() == theirs.model.to_dict()
@@ -28,7 +27,7 @@ def test_sizes_and_config_match_configs_bert():
 @pytest.mark.parametrize('argv, message', [
     (['--variants', 'absolute,tisaa', '--steps', '2'], "unknown attention variant 'tisaa'"),
     (['--variants', 'tisa,tisa', '--steps', '2'], 'names a variant twice'),
-    (['--variants', 'tisa', '--steps', '2', '--set', 'data.seq_lenn=3'], "unknown config field 'seq_lenn'"),
+    (['--variants', 'tisa', '--steps', '2', '--set', 'data.seq_lenn=3'], "unknown config field --set data.seq_lenn"),
     (['--variants', 'tisa', '--steps', '2', '--set', 'batch_size'], 'write FIELD=VALUE'),
     (['--steps', '2'], '--variants is empty'),
     (['--variants', 'tisa', '--extrapolate', '2,x'], '--extrapolate'),
@@ -97,7 +96,7 @@ def test_cli_with_extrapolation_and_sst2_columns(tmp_path, capsys, shared_data):
   """The papers' table shape: pretraining loss, loss at 2x the training length, SST-2 dev accuracy."""
   assert compare.main(['--variants', 'absolute,alibi', '--size', 'micro', '--steps', '20', '--extrapolate', '2',
                        '--glue', 'sst2', '--glue_dir', os.path.join(shared_data, 'sst2'),
-                       '--glue_set', 'num_train_steps=20', '--glue_set', 'max_seq_length=32',
+                       '--glue_set', 'num_train_steps=20', '--glue_set', 'data.seq_len=32',
                        '--glue_set', 'data.max_train_examples=640', '--out', str(tmp_path)]) == 0
   with open(tmp_path / 'results.csv') as f:
     rows = {r['variant']: r for r in csv.DictReader(f)}

@@ -12,7 +12,7 @@ import pytest
 import posjax
 from helpers import load_config_module
 from posjax.models.electra import ElectraPretrainer, generator_config
-from posjax.training import loop
+from posjax.training import pretraining
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 
@@ -135,7 +135,7 @@ def pretrain_tiny(tmp_path, name, arg, objective):
   c.data.vocab_size, c.data.seq_len, c.batch_size = 1000, 32, 16
   c.num_train_steps, c.warmup_steps, c.learning_rate = 60, 5, 3e-3
   c.log_every, c.eval_every, c.checkpoint_every, c.eval_batches = 5, 60, 60, 2
-  loop.train_and_evaluate(c, str(tmp_path))
+  pretraining.train_and_evaluate(c, str(tmp_path))
   with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
     rows = [r for r in map(json.loads, f) if 'loss' in r]  # training rows (eval rows hold eval_*)
   losses = [r['loss'] for r in rows]

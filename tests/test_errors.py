@@ -82,7 +82,11 @@ def files(tmp_path_factory):
   checkpoint.save(mngr, 5, {'step': np.int32(5)}, {'model': {'hidden_size': 999}})
   mngr.wait_until_finished()
   mngr.close()
-  (d / 'unreadable' / 'checkpoints' / '5').mkdir(parents=True)
+  mngr = checkpoint.manager(str(d / 'unreadable'), 3)
+  checkpoint.save(mngr, 5, {'step': np.int32(5)}, {'model': {'hidden_size': 999}})
+  mngr.wait_until_finished()
+  mngr.close()
+  os.remove(d / 'unreadable' / 'checkpoints' / '5' / 'meta' / 'metadata')
   return d
 
 
@@ -153,7 +157,7 @@ CASES = [
     ('tokenizer path', [BERT, *SMALL, '--config.data.tokenizer=/nonexistent'], "data.tokenizer: '/nonexistent'"),
     ('tokenizer dir', [BERT, *SMALL, '--config.data.tokenizer={d}/emptydir'], 'neither tokenizer.json nor vocab'),
     ('tokenizer file', [BERT, *SMALL, '--config.data.tokenizer={d}/garbage.json'], 'is not a tokenizer.json file'),
-    ('short seq_len', [BERT, *SMALL, '--config.data.seq_len=4'], 'data.seq_len must be at least 8'),
+    ('short seq_len', [BERT, *SMALL, '--config.data.seq_len=4'], 'data.seq_len must be an integer >= 8'),
     # workdirs and checkpoints
     ('workdir file', [BERT, '--workdir={d}/a_file'], "--workdir '{d}/a_file' is a file"),
     ('other model', [BERT, *SMALL, '--workdir={d}/other_model'], 'model.hidden_size: checkpoint 999 vs config 128'),

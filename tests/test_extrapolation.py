@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from posjax import pretrained
+from posjax.analysis import extrapolation
 from posjax.config import ModelConfig
 from posjax.convert import hf, hf_bert
 from posjax.data import pretrain
 from posjax.data import tokenizer as tokenizer_lib
-from posjax.finetune import extrapolation
 from posjax.models import Bert
 from posjax.training import checkpoint, steps
 
@@ -104,7 +105,7 @@ def test_cli_on_a_pretraining_workdir(tmp_path, capsys, monkeypatch):
   from posjax.data import sources
   assert held == [d for d, h in zip(docs, sources.held_out(len(docs), 0, 0.5)) if h]
   # ... tokenised only as far as the evaluation reads: max_tokens and a little more, never the whole split.
-  tok = extrapolation.pretrained.load(str(work)).tokenizer
+  tok = pretrained.load(str(work)).tokenizer
   whole = extrapolation.token_stream(tok, held, 3, 10 ** 9)
   head = extrapolation.token_stream(tok, held, 3, 40, block=2)
   assert 40 <= len(head) < len(whole) and head.tobytes() == whole[:len(head)].tobytes()

@@ -14,7 +14,9 @@ import pytest
 from helpers import ROOT, micro_config
 from posjax.errors import ConfigError
 from posjax.finetune import data as data_lib
-from posjax.finetune import loop as finetune
+from posjax import configs
+from posjax.finetune import data as data_lib_ft
+from posjax.finetune import finetuning as finetune
 from posjax.finetune import presets, tasks
 
 # One example row per split, in the files GLUE distributes (headers as in download_glue_data.py's files).
@@ -89,7 +91,7 @@ def write_glue(root, only=None):
 @pytest.mark.parametrize('name', tasks.GLUE_ORDER)
 def test_glue_tsv_layouts(tmp_path, name):
   task = tasks.get(name)
-  directory = finetune.task_directory(task, write_glue(tmp_path))
+  directory = data_lib_ft.task_directory(task, write_glue(tmp_path))
   train = data_lib.read(task, task.train, 'tsv', directory)
   texts, label = EXPECTED_TRAIN[name]
   assert tuple(t[0] for t in train.texts) == texts
@@ -104,7 +106,7 @@ def test_glue_tsv_layouts(tmp_path, name):
 
 def test_mnli_dev_labels_come_from_gold_label_column(tmp_path):
   task = tasks.get('mnli')
-  directory = finetune.task_directory(task, write_glue(tmp_path, 'MNLI'))
+  directory = data_lib_ft.task_directory(task, write_glue(tmp_path, 'MNLI'))
   matched = data_lib.read(task, task.dev[0][1], 'tsv', directory)
   mismatched = data_lib.read(task, task.dev[1][1], 'tsv', directory)
   assert task.labels[matched.labels[0]] == 'neutral'
@@ -264,17 +266,13 @@ def toy_sst2(directory, seed=0):
 
 def micro_finetune(task='sst2', **overrides):
   c = presets.finetune_config(task)
-  c.max_seq_length = 16
+  c.data.seq_len = 16
   c.batch_size = 16
   c.learning_rate = 1e-3
   c.log_every = 10
   c.hidden_dropout = 0.0
   for k, v in overrides.items():
-    target = c
-    *path, last = k.split('.')
-    for p in path:
-      target = target[p]
-    target[last] = v
+    configs.override(c, k, v)
   return c
 
 
@@ -291,7 +289,7 @@ def test_hf_checkpoint_finetunes_writes_submission_and_resumes(tmp_path):
                           **{'data.dir': toy_sst2(tmp_path / 'SST-2')})
   work = str(tmp_path / 'ft')
   first = finetune.finetune_and_evaluate(config, work)
-  assert first['step'] == 150 and first['dev']['dev']['accuracy'] >= 90.0, first
+  assert first['step'] == 150 and first['dev']['accuracy'] >= 90.0, first
   with open(os.path.join(work, 'predictions', 'SST-2.tsv')) as f:
     lines = f.read().splitlines()
   assert lines[0] == 'index\tprediction' and len(lines) == 11
@@ -299,11 +297,11 @@ def test_hf_checkpoint_finetunes_writes_submission_and_resumes(tmp_path):
   full = read_rows(work)
   shutil.rmtree(os.path.join(work, 'checkpoints', '150'))
   second = finetune.finetune_and_evaluate(config, work)
-  assert second['dev']['dev']['accuracy'] == pytest.approx(first['dev']['dev']['accuracy'])
+  assert second['dev']['accuracy'] == pytest.approx(first['dev']['accuracy'])
   resumed = read_rows(work)
   assert [r['step'] for r in resumed] == [r['step'] for r in full]
   for a, b in zip(full, resumed):
-    for k in ('loss', 'dev_score'):
+    for k in ('loss', 'eval_accuracy'):
       if k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a['step'], k)
 
@@ -323,15 +321,15 @@ def imdb_subset(shared, path, n):
 
 
 def pretrain_then_sst2(shared, tmp_path, pre_overrides, ft_overrides):
-  from posjax.training import loop
+  from posjax.training import pretraining
   pre = str(tmp_path / 'pre')
-  loop.train_and_evaluate(micro_config(**pre_overrides), pre)
+  pretraining.train_and_evaluate(micro_config(**pre_overrides), pre)
   config = micro_finetune(init_from=pre, **{'data.dir': os.path.join(shared, 'sst2'), **ft_overrides})
   result = finetune.finetune_and_evaluate(config, str(tmp_path / 'sst2'))
   labels = data_lib.read(tasks.get('sst2'), tasks.get('sst2').dev[0][1], 'tsv',
                          os.path.join(shared, 'sst2')).labels
   majority = 100.0 * max(labels.mean(), 1 - labels.mean())
-  return result['dev']['dev']['accuracy'], majority
+  return result['dev']['accuracy'], majority
 
 
 def test_pretrain_on_imdb_then_sst2_beats_majority_cheap(shared_data, tmp_path):
@@ -339,7 +337,7 @@ def test_pretrain_on_imdb_then_sst2_beats_majority_cheap(shared_data, tmp_path):
   files = imdb_subset(shared_data, tmp_path / 'unsup.jsonl', 2000)
   acc, majority = pretrain_then_sst2(
       shared_data, tmp_path, {'data.files': files, 'num_train_steps': 30, 'checkpoint_every': 30},
-      {'num_train_steps': 300, 'max_seq_length': 32, 'batch_size': 32, 'checkpoint_every': 300,
+      {'num_train_steps': 300, 'data.seq_len': 32, 'batch_size': 32, 'checkpoint_every': 300,
        'data.max_train_examples': 9600, 'layer_decay': 1.0, 'log_every': 100})
   print(f'SST-2 dev accuracy {acc:.1f} (majority {majority:.1f})')
   assert acc > majority + 10.0, (acc, majority)
@@ -350,9 +348,9 @@ def test_pretrain_on_imdb_then_sst2_beats_majority(shared_data, tmp_path):
   """A tiny model (2 layers, width 64) pretrained 500 steps on 20,000 IMDB reviews, fine-tuned 1,000 steps
   (half an epoch) on SST-2 train through train.py."""
   files = imdb_subset(shared_data, tmp_path / 'unsup.jsonl', 20000)
-  from posjax.training import loop
+  from posjax.training import pretraining
   pre = str(tmp_path / 'pre')
-  loop.train_and_evaluate(micro_config(**{
+  pretraining.train_and_evaluate(micro_config(**{
       'data.files': files, 'num_train_steps': 500, 'checkpoint_every': 500, 'log_every': 100,
       'eval_every': 500, 'model.hidden_size': 64, 'model.intermediate_size': 256, 'model.num_layers': 2,
       'model.num_heads': 2, 'data.vocab_size': 8000, 'data.seq_len': 64, 'batch_size': 32,
@@ -361,12 +359,12 @@ def test_pretrain_on_imdb_then_sst2_beats_majority(shared_data, tmp_path):
   out = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/glue.py:sst2', f'--config.init_from={pre}',
        f'--config.data.dir={os.path.join(shared_data, "sst2")}', f'--workdir={work}',
-       '--config.num_train_steps=1000', '--config.max_seq_length=64', '--config.learning_rate=3e-4',
+       '--config.num_train_steps=1000', '--config.data.seq_len=64', '--config.learning_rate=3e-4',
        '--config.log_every=250', '--config.checkpoint_every=500'],
       cwd=ROOT, capture_output=True, text=True, timeout=3600)
   assert out.returncode == 0, out.stderr[-3000:]
   with open(os.path.join(work, 'results.json')) as f:
-    acc = json.load(f)['dev']['dev']['accuracy']
+    acc = json.load(f)['dev']['accuracy']
   print(f'SST-2 dev accuracy {acc:.1f} (majority 50.9)')
   assert acc > 70.0, acc
 
@@ -399,7 +397,7 @@ def test_all_runs_each_task_with_its_preset_and_prints_the_glue_score(tmp_path, 
            'mnli': {'matched': {'accuracy': 70.0}, 'mismatched': {'accuracy': 72.0}},
            'rte': {'dev': {'accuracy': 60.0}}, 'wnli': {'dev': {'accuracy': 50.0}}}[config.task]
     from posjax.finetune import metrics
-    return {'task': config.task, 'dev': dev, 'score': metrics.task_score(config.task, dev)}
+    return {'task': config.task, 'dev': finetune.flat_dev(dev), 'score': metrics.task_score(config.task, dev)}
   monkeypatch.setattr(finetune, 'finetune_and_evaluate', fake)
   c = presets.finetune_config('all')
   c.tasks, c.init_from, c.layer_decay = 'mrpc,mnli,rte,wnli', '/ckpt', 0.9
@@ -436,7 +434,7 @@ def test_hf_model_types_fine_tune(tmp_path, kind):
   if kind == 'convbert':
     config.layer_decay = 1.0
   result = finetune.finetune_and_evaluate(config, str(tmp_path / 'ft'))
-  assert result['dev']['dev']['accuracy'] >= 80.0, result
+  assert result['dev']['accuracy'] >= 80.0, result
 
 
 def test_submission_files_in_glue_format(tmp_path):
@@ -452,6 +450,7 @@ def test_submission_files_in_glue_format(tmp_path):
 
 def test_regression_objective_is_squared_error():
   import jax
+  from posjax.finetune.model import Classification
 
   class FixedOutputs:  # stands in for the Classifier: the objective only sees its outputs
     def apply(self, variables, ids, mask, type_ids, deterministic, rngs):
@@ -460,10 +459,10 @@ def test_regression_objective_is_squared_error():
   logits = np.array([[0.5], [1.0], [4.0], [2.0]], np.float32)
   labels = np.array([0.0, 1.5, 3.0, 5.0], np.float32)
   batch = {'ids': None, 'mask': None, 'type_ids': None, 'labels': labels}
-  loss, m = finetune.Objective(FixedOutputs(), regression=True).loss({'logits': logits}, batch,
-                                                                      jax.random.PRNGKey(0), True)
+  loss, m = Classification(FixedOutputs(), 4, regression=True).loss({'logits': logits}, batch,
+                                                                     jax.random.PRNGKey(0), True)
   assert float(loss) == pytest.approx(float(np.mean((logits[:, 0] - labels) ** 2))) and set(m) == {'loss'}
-  loss, m = finetune.Objective(FixedOutputs(), regression=False).loss(
+  loss, m = Classification(FixedOutputs(), 4, regression=False).loss(
       {'logits': np.array([[2.0, 0.0], [0.0, 1.0]], np.float32)},
       {**batch, 'labels': np.array([0, 0])}, jax.random.PRNGKey(0), True)
   assert float(loss) == pytest.approx((np.log1p(np.exp(-2.0)) + np.log1p(np.exp(1.0))) / 2, rel=1e-6)

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import micro_config, unmask
 from posjax.data import pipeline, pretrain, tokenizer
-from posjax.training import loop
+from posjax.training import pretraining
 
 SPECIALS = pretrain.Specials(pad=0, unk=1, cls=2, sep=3, mask=4)
 
@@ -226,7 +226,7 @@ def test_pretraining_on_imdb_unlabelled_reviews(tmp_path, shared_data, caplog):
   caplog.set_level('INFO')
   c = micro_config(num_train_steps=30, eval_every=30, checkpoint_every=30, **{
       'data.source': 'files', 'data.files': str(tmp_path / 'slice.jsonl.gz'), 'data.whole_word_masking': True})
-  last = loop.train_and_evaluate(c, str(tmp_path / 'run'))
+  last = pretraining.train_and_evaluate(c, str(tmp_path / 'run'))
   rows = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl') if '"loss"' in l]
   assert rows[-1]['loss'] < rows[0]['loss'] - 0.5, rows
   assert np.isfinite(last['eval_loss'])
@@ -241,7 +241,7 @@ def test_pretraining_on_a_catalog_dataset_prepared_from_local_files(tmp_path):
   prepare.prepare_tfds('tiny_reviews', str(tmp_path / 'tfds'), str(manual), str(tmp_path / 'tiny_reviews.py'))
   c = micro_config(num_train_steps=10, eval_every=10, checkpoint_every=10, **{
       'data.source': 'tfds', 'data.tfds_name': 'tiny_reviews', 'data.data_dir': str(tmp_path / 'tfds')})
-  last = loop.train_and_evaluate(c, str(tmp_path / 'run'))
+  last = pretraining.train_and_evaluate(c, str(tmp_path / 'run'))
   assert np.isfinite(last['loss']) and np.isfinite(last['eval_loss'])
 
 
@@ -263,11 +263,11 @@ def test_checkpoint_without_data_state_still_resumes(tmp_path, caplog):
   its train state is used all the same, with a warning, not skipped as unreadable."""
   import shutil
   c = micro_config(num_train_steps=10, checkpoint_every=5, eval_every=10)
-  loop.train_and_evaluate(c, str(tmp_path))
+  pretraining.train_and_evaluate(c, str(tmp_path))
   shutil.rmtree(tmp_path / 'checkpoints' / '10')
   shutil.rmtree(tmp_path / 'checkpoints' / '5' / 'data')
   caplog.set_level('INFO')
-  loop.train_and_evaluate(c, str(tmp_path))
+  pretraining.train_and_evaluate(c, str(tmp_path))
   assert 'resumed from the checkpoint at step 5' in caplog.text
   assert 'holds no data iterator state for process_0-of-1.json' in caplog.text
   assert 'unreadable' not in caplog.text

@@ -181,9 +181,12 @@ def test_a_look_step_syncs_and_own_signal_counts(monkeypatch):
 def test_single_process_reads_the_flag_every_step():
   previous = signal.getsignal(signal.SIGTERM)
   with preemption.StopRequest() as stop:
+    stop.arm()  # unarmed, a signal ends the process (test_work_lost.py)
     assert not stop.poll(3, look=False)
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.01)
+    deadline = time.time() + 5
+    while not stop.requested and time.time() < deadline:  # a thread of its own reads the signal
+      time.sleep(0.01)
     assert stop.requested and stop.poll(3, look=False)
   assert signal.getsignal(signal.SIGTERM) == previous  # the previous handler is back
 

@@ -93,7 +93,7 @@ def test_hf_checkpoint_loads_from_its_directory_alone(tmp_path, no_network):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from posjax.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from posjax.convert import hf, hf_bert  # pylint: disable=g-import-not-at-top
-  from posjax.finetune import pretrained  # pylint: disable=g-import-not-at-top
+  from posjax import pretrained  # pylint: disable=g-import-not-at-top
   from posjax.models import Bert  # pylint: disable=g-import-not-at-top
   cfg = ModelConfig(vocab_size=7, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
                     max_position_embeddings=16, mlm_head=True, pooler=True)

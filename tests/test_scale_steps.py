@@ -8,19 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from helpers import micro_config
+from helpers import init_state, micro_config, mlm_objective
 from posjax.data import pipeline, pretrain
-from posjax.training import loop, optimizer, steps
+from posjax.training import optimizer, steps
 
 
 def _setup(**overrides):
-  c = micro_config(**overrides)
-  objective = steps.make_objective(c, loop.model_config(c, 100))
+  c = micro_config(**{'data.seq_len': 16, **overrides})
+  objective = mlm_objective(c)
   tx = optimizer.make(c)
-  state = jax.jit(lambda: steps.init_state(objective, tx, 0, 16, 4))()
-  state = jax.tree_util.tree_map(lambda x: x.value if hasattr(x, 'value') else x, state,
-                                 is_leaf=lambda x: hasattr(x, 'names'))
-  return c, objective, tx, state
+  return c, objective, tx, init_state(objective, tx)
 
 
 def _batch(rows=16, seed=0):
@@ -79,7 +76,7 @@ def test_bfloat16_compute_keeps_float32_weights_softmax_and_layernorm_statistics
   assert {x.dtype for x in jax.tree_util.tree_leaves((state.params, state.opt_state)) if x.ndim} == {
       jnp.dtype(jnp.float32)}
   # The same weights in float32 give nearly the same loss (an independent check of the bf16 path).
-  f32 = steps.Objective(objective.name, type(objective.model)(
+  f32 = dataclasses.replace(objective, model=type(objective.model)(
       dataclasses.replace(objective.model.config, dtype=jnp.float32)))
   key = jax.random.PRNGKey(0)
   l16 = float(jax.jit(lambda p: objective.loss(p, batch, key, True)[0])(state.params))

@@ -6,14 +6,14 @@ from jax.sharding import AbstractMesh
 
 from helpers import load_config_module, micro_config
 from posjax.errors import ConfigError
-from posjax.training import loop, optimizer, sharding, steps
+from posjax.training import objectives, optimizer, pretraining, sharding, trainer
 
 
 def setup(c, mesh_shape):
   mesh = AbstractMesh(mesh_shape, sharding.MESH_AXES)
-  mcfg = loop.model_config(c, 100)
-  objective = steps.make_objective(c, mcfg, forbidden_ids=(0, 2, 3))
-  return loop.sharded_steps(c, objective, optimizer.make(c), optimizer.schedule(c), mesh, 5)
+  mcfg = pretraining.model_config(c, 100)
+  objective = objectives.make(c, mcfg, c.data.seq_len, 5, forbidden_ids=(0, 2, 3))
+  return trainer.sharded_steps(c, objective, optimizer.make(c), optimizer.schedule(c), mesh)
 
 
 @pytest.mark.parametrize('mesh, devices, message', [

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from helpers import micro_config
-from posjax.data import corpus, spm, tokenizer
+from posjax.data import corpus, inputs, spm, tokenizer
 from posjax.errors import ConfigError
-from posjax.training import loop
+from posjax.training import pretraining
 
 EDGE_CASES = ["Héllo  ``World''  It's 1,000,000 9, 10,5 café\tnaïve\n\n  x", '  leading and trailing  ',
               'ÀÉÎÕÜ ﬁ ① ＦＵＬＬＷＩＤＴＨ', 'tabs\tand\nnewlines\r\nhere', '']
@@ -63,13 +63,13 @@ def test_albert_config_trains_a_sentencepiece_vocabulary(tmp_path, trained):
   assert load_config_module('albert').get_config('tiny').data.tokenizer_kind == 'sentencepiece'
   c = micro_config(num_train_steps=6, eval_every=6, checkpoint_every=6, log_every=3, objective='mlm+sop',
                    **{'data.tokenizer_kind': 'sentencepiece'})
-  last = loop.train_and_evaluate(c, str(tmp_path / 'run'))
+  last = pretraining.train_and_evaluate(c, str(tmp_path / 'run'))
   assert last['loss'] > 0 and (tmp_path / 'run' / spm.MODEL_FILE).exists()
   assert tokenizer.load(str(tmp_path / 'run' / 'tokenizer.json')).id_to_token(0) == '<pad>'
   # A given .model file is used as it is, and kept in the workdir.
   _, directory = trained
   c.data.tokenizer = os.path.join(directory, spm.MODEL_FILE)
-  tok = loop.tokenizer_for(c, str(tmp_path / 'other'), [])
+  tok = inputs.tokenizer_for(c, str(tmp_path / 'other'), [])
   assert tok.get_vocab_size() == 1500 and (tmp_path / 'other' / spm.MODEL_FILE).exists()
   with pytest.raises(ConfigError, match='data.tokenizer_kind .* wordpiece, sentencepiece'):
-    loop.validate(micro_config(**{'data.tokenizer_kind': 'bpe'}))
+    pretraining.validate(micro_config(**{'data.tokenizer_kind': 'bpe'}))

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import ROOT, micro_config
 from posjax.errors import ConfigError
-from posjax.training import loop
+from posjax.training import pretraining
 
 
 def read_metrics(workdir):
@@ -19,7 +19,7 @@ def read_metrics(workdir):
 
 
 def test_loss_falls_and_artifacts_are_written(tmp_path):
-  last = loop.train_and_evaluate(micro_config(num_train_steps=80), str(tmp_path))
+  last = pretraining.train_and_evaluate(micro_config(num_train_steps=80), str(tmp_path))
   rows = [r for r in read_metrics(tmp_path) if 'loss' in r]
   assert [r['step'] for r in rows] == list(range(5, 81, 5))
   first, final = rows[0]['loss'], rows[-1]['loss']
@@ -31,9 +31,9 @@ def test_loss_falls_and_artifacts_are_written(tmp_path):
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):
-  loop.train_and_evaluate(micro_config(num_train_steps=20), str(tmp_path))
+  pretraining.train_and_evaluate(micro_config(num_train_steps=20), str(tmp_path))
   with pytest.raises(ConfigError, match='different model.*model.hidden_size: checkpoint 32 vs config 48'):
-    loop.train_and_evaluate(micro_config(num_train_steps=30, **{'model.hidden_size': 48}), str(tmp_path))
+    pretraining.train_and_evaluate(micro_config(num_train_steps=30, **{'model.hidden_size': 48}), str(tmp_path))
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -50,7 +50,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
 ])
 def test_bad_config_names_the_field(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
-    loop.train_and_evaluate(micro_config(**overrides), str(tmp_path))
+    pretraining.train_and_evaluate(micro_config(**overrides), str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists() or not os.listdir(tmp_path / 'checkpoints')
 
 
@@ -58,7 +58,7 @@ def test_empty_data_file_fails_before_compiling(tmp_path):
   empty = tmp_path / 'empty.txt'
   empty.write_text('\n\n  \n')
   with pytest.raises(ConfigError, match='no usable text'):
-    loop.train_and_evaluate(micro_config(**{'data.files': str(empty)}), str(tmp_path / 'w'))
+    pretraining.train_and_evaluate(micro_config(**{'data.files': str(empty)}), str(tmp_path / 'w'))
 
 
 def run_cli(*args):
@@ -95,16 +95,20 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, 
   inject_nan_at(monkeypatch, 27)
   with pytest.raises(NonFiniteError, match='non-finite loss and grad_norm at step 27.*last good checkpoint is '
                                            'step 20'):
-    loop.train_and_evaluate(micro_config(num_train_steps=60), str(tmp_path))
+    pretraining.train_and_evaluate(micro_config(num_train_steps=60), str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['20']
   assert max(r['step'] for r in read_metrics(tmp_path)) == 25
 
 
 def test_nan_skip_policy_skips_and_counts(tmp_path, monkeypatch):
   inject_nan_at(monkeypatch, 7)
-  loop.train_and_evaluate(micro_config(num_train_steps=20, nonfinite='skip'), str(tmp_path))
+  pretraining.train_and_evaluate(micro_config(num_train_steps=20, nonfinite='skip'), str(tmp_path))
   rows = [r for r in read_metrics(tmp_path) if 'loss' in r]
   assert [r['skipped_updates'] for r in rows] == [0, 1, 1, 1]
-  assert np.isnan(rows[1]['loss']) and np.isfinite(rows[-1]['loss']) and rows[-1]['loss'] < rows[0]['loss']
+  # metrics.jsonl is strict JSON: the NaN of that interval is written as null, not as a bare NaN.
+  assert rows[1]['loss'] is None and np.isfinite(rows[-1]['loss']) and rows[-1]['loss'] < rows[0]['loss']
+  with open(tmp_path / 'metrics.jsonl') as f:
+    for line in f:
+      json.loads(line, parse_constant=lambda c: pytest.fail(f'{c} in metrics.jsonl'))
 
 

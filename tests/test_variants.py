@@ -15,9 +15,10 @@ import optax
 import pytest
 
 import posjax
+from helpers import init_state
 from posjax.attention import registry
 from posjax.data import corpus, pipeline, pretrain, tokenizer
-from posjax.training import steps
+from posjax.training import objectives, steps
 
 COMBINATIONS = ['absolute+convfixed', 'tisa+convq', 'relative_key+convvalues', 'rope+alibi', 'none+t5']
 EMBEDDINGS = ('absolute', 'sinusoidal', 'none')
@@ -151,9 +152,9 @@ def test_bert_tiny_trains(variant, real_batches):
   data, vocab = real_batches
   cfg = posjax.ModelConfig(vocab_size=vocab, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                            max_position_embeddings=64, attention=variant)
-  objective = steps.Objective('mlm', posjax.Bert(cfg))
+  objective = objectives.MaskedLM(posjax.Bert(cfg), 32, data.max_predictions)
   tx = optax.adamw(3e-3)
-  state = nn.unbox(steps.init_state(objective, tx, seed=0, seq_len=32, max_predictions=data.max_predictions))
+  state = init_state(objective, tx)
   step = jax.jit(functools.partial(steps.train_step, objective=objective, tx=tx, lr_schedule=lambda s: 3e-3))
   losses = []
   for i in range(30):

@@ -11,8 +11,15 @@ from posjax.analysis.sentence import attention_maps, tokenize
 from posjax.analysis.invariance import diagonal_means, toeplitz_projection, translation_invariance
 from posjax.analysis.positional import (Kernel, attention_kernels, embedding_positional_attention, kernels,
                                        position_embeddings, positional_attention)
-from posjax.analysis.checkpoints import Checkpoint, load
 from posjax.analysis.report import analyze, summary
+from posjax.pretrained import Pretrained as Checkpoint
+
+
+def load(path: str, step: int | None = None) -> Checkpoint:
+  """A posjax workdir (its latest verified checkpoint, or `step`'s) or a Hugging Face checkpoint directory;
+  the tokenizer is read when there is one."""
+  from posjax import pretrained  # pylint: disable=g-import-not-at-top
+  return pretrained.load(path, step=step, need_tokenizer=False, what='checkpoint')
 
 __all__ = [
     'attention_maps', 'tokenize', 'diagonal_means', 'toeplitz_projection', 'translation_invariance', 'Kernel',

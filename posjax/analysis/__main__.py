@@ -20,9 +20,10 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.length < 2:
     ap.error(f'--length must be at least 2; got {args.length}')
-  from posjax.analysis import checkpoints, report  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  from posjax import analysis  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  from posjax.analysis import report  # pylint: disable=g-import-not-at-top
   try:
-    ck = checkpoints.load(args.checkpoint)
+    ck = analysis.load(args.checkpoint)
     s = report.analyze(ck, args.out, args.length, args.sentence or report.DEFAULT_SENTENCE)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)

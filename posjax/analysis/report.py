@@ -9,7 +9,7 @@ import numpy as np
 
 from posjax.analysis import sentence as maps_lib
 from posjax.analysis import invariance, plots, positional as kernels_lib
-from posjax.analysis.checkpoints import Checkpoint
+from posjax.pretrained import Pretrained as Checkpoint
 
 DEFAULT_SENTENCE = 'The quick brown fox jumps over the lazy dog because it wants to see the river.'
 
@@ -39,10 +39,10 @@ def analyze(ck: Checkpoint, out: str, length: int | None = None, sentence: str =
   n = min(length or 64, cfg.max_position_embeddings)
   os.makedirs(out, exist_ok=True)
   s = summary(cfg, params, n)
-  s['source'], s['step'] = ck.source, ck.step
+  s['source'], s['step'] = ck.kind, ck.step
   files = []
   ks = kernels_lib.kernels(cfg, params, n)
-  name = f'{cfg.attention} ({ck.source}{"" if ck.step is None else f", step {ck.step}"})'
+  name = f'{cfg.attention} ({ck.kind}{"" if ck.step is None else f", step {ck.step}"})'
   if any(ks):
     files.append(plots.kernels(ks, os.path.join(out, 'kernels.png'), f'positional kernels: {name}'))
   if s['positional_attention'] is not None:

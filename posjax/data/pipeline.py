@@ -15,6 +15,9 @@ makes and masks only its own rows."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
+import time
 
 from absl import flags
 import grain
@@ -139,6 +142,19 @@ def train_dataset(examples, batch_size: int, seed: int, masking: Masking,
   return local[shard.shard_index::shard.shard_count]
 
 
+def _die_with_parent(worker_index: int, worker_count: int) -> None:
+  """In each grain worker: exit when the trainer that started it is gone (a SIGKILLed trainer cannot stop its
+  workers, which would otherwise live on holding their memory)."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)
+  threading.Thread(target=watch, name='posjax-parent-watch', daemon=True).start()
+
+
 def iterator(dataset: grain.MapDataset, worker_count: int = 0, prefetch: int = 4):
   """A checkpointable iterator (`get_state` / `set_state`) that prepares `prefetch` batches ahead in a
   thread; `worker_count` > 0 masks and batches in that many worker processes instead."""
@@ -147,7 +163,7 @@ def iterator(dataset: grain.MapDataset, worker_count: int = 0, prefetch: int = 4
   if worker_count:
     if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside `app.run`, the defaults
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_die_with_parent)
   return iter(it)
 
 

@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 
+from absl import logging
 import numpy as np
 from tokenizers import Tokenizer, processors
 
@@ -183,3 +184,43 @@ def encode(tok: Tokenizer, examples: Examples, max_len: int, batch: int = 4096) 
       out['mask'].append(e.attention_mask)
       out['type_ids'].append(e.type_ids)
   return {k: np.asarray(v, np.int32).reshape(n, max_len) for k, v in out.items()}
+
+
+def task_directory(task, directory: str) -> str:
+  """GLUE's root (holding the task's directory) or the task's own directory."""
+  nested = os.path.join(directory, task.glue_dir)
+  return nested if directory and os.path.isdir(nested) else directory
+
+
+def read_examples(task, config):
+  """(train Examples, [(dev name, Examples)], [(test split, Examples)])."""
+  source, directory = config.data.source, config.data.dir
+  if source == 'tsv':
+    directory = task_directory(task, directory)
+  train = read(task, task.train, source, directory)
+  if config.data.max_train_examples and config.data.max_train_examples < len(train):
+    keep = np.sort(np.random.default_rng([config.seed, 5]).permutation(len(train))[
+        :config.data.max_train_examples])
+    train = Examples(tuple([t[i] for i in keep] for t in train.texts), train.labels[keep],
+                     [train.index[i] for i in keep])
+  devs = [(name, read(task, split, source, directory)) for name, split in task.dev]
+  tests = []
+  if config.predict_test:
+    for split in task.test:
+      if source == 'tsv' and not os.path.exists(os.path.join(directory, split.file)):
+        logging.warning('%s: no %s in %s; no submission file for it', task.name, split.file, directory)
+        continue
+      tests.append((split, read(task, split, source, directory, labelled=False)))
+  return train, devs, tests
+
+
+def encode_examples(task, config, tok, train, devs, tests):
+  """(train arrays, [(dev name, arrays)], [(test split, Examples, arrays)]) encoded to data.seq_len."""
+  enc = lambda ex: encode(tok, ex, config.data.seq_len)  # noqa: E731
+  train_x = {**enc(train), 'labels': train.labels}
+  dev_x = [(name, {**enc(ex), 'labels': ex.labels}) for name, ex in devs]
+  test_x = [(split, ex, enc(ex)) for split, ex in tests]
+  logging.info('%s: %d train, %s dev, %s test examples; max length %d', task.name, len(train),
+               ', '.join(f'{n} {len(e)}' for n, e in devs) or '0',
+               ', '.join(f'{s.file} {len(e)}' for s, e in tests) or 'no', config.data.seq_len)
+  return train_x, dev_x, test_x

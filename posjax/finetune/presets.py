@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from posjax.finetune import tasks as tasks_lib
+from posjax.training import defaults
 
 # task -> (epochs, max sequence length)
 PRESETS = {
@@ -25,7 +26,8 @@ def finetune_config(task: str) -> ml_collections.ConfigDict:
   if task != 'all':
     tasks_lib.get(task)  # an unknown name fails here, naming the valid ones
   epochs, max_len = PRESETS.get(task, (0, 128))
-  c = ml_collections.ConfigDict()
+  c = defaults.trainer_config(num_train_steps=0, learning_rate=1e-4, weight_decay=0.0, log_every=50,
+                              eval_every=0, checkpoint_every=1000, keep_checkpoints=2)
   c.task = task
   c.tasks = ','.join(tasks_lib.GLUE_ORDER)  # for task=all: which tasks to run
   c.init_from = ''  # posjax pretraining workdir or Hugging Face checkpoint directory
@@ -34,25 +36,12 @@ def finetune_config(task: str) -> ml_collections.ConfigDict:
       source='tsv',  # 'tsv' (GLUE's files / IMDB JSON lines under data.dir) or 'tfds'
       dir='',  # tsv: GLUE's root (holding CoLA/, SST-2/, ...) or the task's own directory; tfds: data_dir
       max_train_examples=0,  # > 0: a seeded random subset of the training set (quick runs)
+      seq_len=max_len,  # sequence length (longer inputs are truncated); for task=all, 0: each task's preset
   ))
-  c.max_seq_length = max_len  # for task=all, 0: each task's preset
-  c.batch_size = 32
   c.num_epochs = float(epochs)  # for task=all, 0: each task's preset
   c.num_train_steps = 0  # > 0 overrides num_epochs
-  c.learning_rate = 1e-4
   c.layer_decay = 0.8  # layer-wise learning-rate decay; 1.0: off
   c.warmup_fraction = 0.1
-  c.weight_decay = 0.0
-  c.adam_b1 = 0.9
-  c.adam_b2 = 0.999
-  c.adam_eps = 1e-6
-  c.grad_clip_norm = 1.0
   c.hidden_dropout = -1.0  # >= 0 overrides the pretrained model's dropout (hidden and attention)
-  c.seed = 0
-  c.nonfinite = 'stop'
-  c.log_every = 50
-  c.eval_every = 0  # steps between dev evaluations; 0: at the end only
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 2
   c.predict_test = True  # write GLUE submission files for the test sets that are present
   return c

@@ -1,4 +1,5 @@
-"""The fields every pretraining config shares; `configs/*.py` start from `pretraining_config`.
+"""The fields every trainer config shares (`trainer_config`), and those of pretraining (`pretraining_config`),
+which the model configs in posjax/configs start from.
 
 Model heads (MLM, pooler, NSP/SOP, ELECTRA discriminator) are not config fields: the trainer derives them
 from `objective`.
@@ -33,7 +34,7 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
                        model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model_type = model_type
-  c.objective = objective  # one of posjax.training.steps.OBJECTIVES
+  c.objective = objective  # one of posjax.training.objectives.OBJECTIVES
   c.model = model
 
   c.data = ml_collections.ConfigDict(dict(
@@ -70,12 +71,24 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
       temperature=1.0,  # of the generator's sampling distribution
   ))
 
-  c.seed = 0
-  c.batch_size = 32 if small else 256  # global, across all devices
-  c.num_train_steps = 600 if small else 100_000
-  c.learning_rate = 1e-3 if small else 1e-4
+  c.update(trainer_config(
+      batch_size=32 if small else 256, num_train_steps=600 if small else 100_000,
+      learning_rate=1e-3 if small else 1e-4, weight_decay=0.01, log_every=25, eval_every=250,
+      checkpoint_every=250, keep_checkpoints=3))
   c.warmup_steps = 60 if small else 10_000
-  c.weight_decay = 0.01
+  c.eval_batches = 8  # held-out batches per evaluation
+  return c
+
+
+def trainer_config(**overrides) -> ml_collections.ConfigDict:
+  """The fields the trainer (posjax/training/trainer.py) reads, shared by pretraining and fine-tuning configs,
+  with their defaults, then `overrides`."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 32  # global, across all devices
+  c.num_train_steps = 1000
+  c.learning_rate = 1e-4
+  c.weight_decay = 0.0
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.adam_eps = 1e-6
@@ -88,8 +101,7 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
   c.nonfinite = 'stop'
 
   c.log_every = 25
-  c.eval_every = 250
-  c.eval_batches = 8
+  c.eval_every = 250  # 0: at the end only
   c.checkpoint_every = 250
   c.keep_checkpoints = 3
 
@@ -117,6 +129,8 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
   # always (TPU pods: no arguments needed); 'off': never. Empty/negative fields: taken from the environment.
   c.distributed = ml_collections.ConfigDict(dict(
       initialize='auto', coordinator_address='', num_processes=0, process_id=-1))
+  for k, v in overrides.items():
+    c[k] = v
   return c
 
 

@@ -12,7 +12,7 @@ The costs: the process keeps its peak host memory until it exits, which a traine
 anyway, and compiling is slower (BERT-base: 6.2-8.3 s against 5.3-6.6 s, presumably one arena's lock shared
 by XLA's compiler threads), repaid within the first ten steps. So it is applied only where the computation
 runs on the CPU (an accelerator's buffers live on the device), and by programs (train.py, bench/run.py,
-`python -m posjax.compare`, `python -m posjax.finetune.extrapolation`, the quickstart notebook), not on
+`python -m posjax.compare`, `python -m posjax.analysis.extrapolation`, the quickstart notebook), not on
 import. It must run before JAX initialises its backend: threads that have already allocated keep their
 arenas (called after `jax.devices()`, it left the page faults as they were). Called later, it does
 nothing and says so. Left alone too: MALLOC_ARENA_MAX, MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_,

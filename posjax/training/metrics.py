@@ -1,8 +1,10 @@
-"""Metrics to TensorBoard (tensorboardX: no TensorFlow needed) and to DIR/metrics.jsonl."""
+"""Metrics to TensorBoard (tensorboardX: no TensorFlow needed) and to DIR/metrics.jsonl (strict JSON: a NaN
+or infinite value is written as null)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -37,8 +39,9 @@ class Writer:
     scalars = {k: float(v) for k, v in scalars.items()}
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
+    finite = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
     with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': int(step), 'time': time.time(), **scalars}) + '\n')
+      f.write(json.dumps({'step': int(step), 'time': time.time(), **finite}, allow_nan=False) + '\n')
 
   def close(self):
     if self.tb is not None:
@@ -54,16 +57,28 @@ def _row(line: str):
   return row if isinstance(row, dict) and isinstance(row.get('step'), int) else None
 
 
-class Progress:
-  """steps/s and ETA over the last logging interval."""
+def duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
-  def __init__(self, total_steps: int, start_step: int):
-    self.total = total_steps
+
+class Progress:
+  """Rate and ETA over the last interval, from `start_step` (create it once the first step has compiled and
+  run, so the ETA leaves compilation out)."""
+
+  def __init__(self, total: int, start_step: int, unit: str = 'steps'):
+    self.total, self.unit = total, unit
     self.last_step, self.last_time = start_step, time.perf_counter()
 
   def update(self, step: int) -> str:
     now = time.perf_counter()
+    if step <= self.last_step:
+      return f'{step}/{self.total} {self.unit}'
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
-    eta = (self.total - step) / rate if rate > 0 else float('inf')
-    return f'{rate:.2f} steps/s, ETA {int(eta) // 60}m{int(eta) % 60:02d}s'
+    return f'{rate:.2f} {self.unit}/s, ETA {duration((self.total - step) / rate)}'
+
+
+def format_scalars(scalars: dict) -> str:
+  return ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in scalars.items())

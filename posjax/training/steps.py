@@ -1,14 +1,13 @@
-"""Train state, the pretraining objectives, and the jitted train / eval steps.
+"""The train state and the jitted train / eval steps, for any objective.
 
-Objectives (`config.objective`): `mlm` (BERT), `mlm+nsp` (BERT's original recipe), `mlm+sop` (ALBERT),
-`electra` (ELECTRA and ConvBERT's replaced-token detection). Each maps a batch to a scalar loss and a dict of
-metrics; `loss` in the metrics is always the optimised total.
+An objective is anything with the three methods of `Objective`; the trainer knows nothing else of the task.
+Pretraining's (posjax/training/objectives.py: MLM with NSP/SOP, ELECTRA) and fine-tuning's
+(posjax/finetune/objective.py: classification and regression) are the ones posjax has.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -16,16 +15,22 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from posjax import layers
-from posjax.config import ModelConfig
-from posjax.errors import ConfigError
-from posjax.models import Bert
-from posjax.models.electra import ElectraPretrainer
-
-OBJECTIVES = ('mlm', 'mlm+nsp', 'mlm+sop', 'electra')
-
-
 NONFINITE_POLICIES = ('stop', 'skip')
+
+
+class Objective(Protocol):
+  """A model and how to score it on a batch."""
+
+  def init(self, rng) -> Any:
+    """The model's parameters, with logical-axis boxes (`nn.LogicallyPartitioned`) on every leaf."""
+
+  def denominators(self, batch) -> dict[str, jax.Array]:
+    """What the losses average over (masked positions, tokens, rows), counted on a whole batch."""
+
+  def loss(self, params, batch, rng, deterministic: bool, denominators=None) -> tuple[jax.Array, dict]:
+    """(loss, metrics): every metric a sum over the batch divided by a count from `denominators` (default:
+    this batch's), so with a whole batch's counts the values of its micro-batches add up to the whole's;
+    `metrics['loss']` is the optimised total."""
 
 
 class TrainState(struct.PyTreeNode):
@@ -38,112 +43,14 @@ class TrainState(struct.PyTreeNode):
   first_bad_step: jax.Array  # the step of the first one (-1: none); under policy 'stop' nothing updates after
 
 
-def mlm_loss(logits_BxPxV, labels_BxP, weights_BxP, n=None):
-  """Mean cross-entropy and accuracy over the masked positions (float32 whatever the compute dtype).
-
-  `n`: the denominator; default the number of masked positions here (a micro-batch passes its whole batch's,
-  so the micro-batch losses sum to the whole batch's)."""
-  logits = logits_BxPxV.astype(jnp.float32)
-  xent = optax.softmax_cross_entropy_with_integer_labels(logits, labels_BxP)
-  n = jnp.maximum(weights_BxP.sum(), 1.0) if n is None else n
-  loss = (xent * weights_BxP).sum() / n
-  acc = ((layers.argmax_last(logits) == labels_BxP) * weights_BxP).sum() / n
-  return loss, acc
+def init_params(objective: Objective, seed: int):
+  """The objective's initial parameters (boxed) from `seed`."""
+  return objective.init(jax.random.split(jax.random.PRNGKey(seed))[0])
 
 
-def classification_loss(logits_BxC, labels_B, n=None):
-  logits = logits_BxC.astype(jnp.float32)
-  n = labels_B.shape[0] if n is None else n
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels_B).sum() / n
-  return loss, (layers.argmax_last(logits) == labels_B).sum() / n
-
-
-def detection_loss(logits_BxL, replaced_BxL, mask_BxL, n=None):
-  """ELECTRA's discriminator loss: sigmoid cross-entropy over the real tokens."""
-  logits, target, w = logits_BxL.astype(jnp.float32), replaced_BxL.astype(jnp.float32), mask_BxL.astype(
-      jnp.float32)
-  n = jnp.maximum(w.sum(), 1.0) if n is None else n
-  loss = (optax.sigmoid_binary_cross_entropy(logits, target) * w).sum() / n
-  acc = (((logits > 0) == replaced_BxL) * w).sum() / n
-  return loss, acc
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  """A model and how to score it on a batch (ids, mask, type_ids, positions, labels, weights[,
-  sentence_labels])."""
-  name: str
-  model: nn.Module
-  generator_weight: float = 1.0
-  discriminator_weight: float = 50.0
-
-  def init(self, rng, seq_len: int, max_predictions: int):
-    ids = jnp.zeros((1, seq_len), jnp.int32)
-    mask = jnp.ones_like(ids, bool)
-    pos = jnp.zeros((1, max_predictions), jnp.int32)
-    params_rng, sample_rng = jax.random.split(rng)
-    if self.name == 'electra':
-      return self.model.init({'params': params_rng, 'sample': sample_rng}, ids, mask, ids, pos, pos,
-                             pos.astype(jnp.float32))['params']
-    return self.model.init({'params': params_rng}, ids, mask, ids, mlm_positions_BxP=pos)['params']
-
-  @staticmethod
-  def denominators(batch):
-    """What the losses average over, counted on a whole batch: masked positions, real tokens, rows."""
-    return {'masked': jnp.maximum(batch['weights'].sum(), 1.0),
-            'tokens': jnp.maximum(batch['mask'].sum(), 1).astype(jnp.float32),
-            'rows': jnp.asarray(batch['ids'].shape[0], jnp.float32)}
-
-  def loss(self, params, batch, rng, deterministic: bool, denominators=None):
-    """(loss, metrics). Every metric is a sum over the batch divided by a count from `denominators` (default:
-    this batch's), so with a whole batch's counts the values of its micro-batches add up to the whole's."""
-    d = denominators or self.denominators(batch)
-    dropout_rng, sample_rng = jax.random.split(rng)
-    rngs = {'dropout': dropout_rng, 'sample': sample_rng}
-    type_ids = batch.get('type_ids', jnp.zeros_like(batch['ids']))
-    if self.name == 'electra':
-      out = self.model.apply({'params': params}, batch['ids'], batch['mask'], type_ids, batch['positions'],
-                             batch['labels'], batch['weights'], deterministic=deterministic, rngs=rngs)
-      gen_loss, gen_acc = mlm_loss(out['mlm_logits_BxPxV'], batch['labels'], batch['weights'], d['masked'])
-      disc_loss, disc_acc = detection_loss(out['discriminator_logits_BxL'], out['replaced_BxL'],
-                                           batch['mask'], d['tokens'])
-      total = self.generator_weight * gen_loss + self.discriminator_weight * disc_loss
-      return total, {'loss': total, 'mlm_loss': gen_loss, 'accuracy': gen_acc, 'discriminator_loss': disc_loss,
-                     'discriminator_accuracy': disc_acc,
-                     'replaced_fraction': out['replaced_BxL'].sum() / d['tokens']}
-    out = self.model.apply({'params': params}, batch['ids'], batch['mask'], type_ids,
-                           mlm_positions_BxP=batch['positions'], deterministic=deterministic, rngs=rngs,
-                           only_predicted_rows=True)
-    loss, acc = mlm_loss(out['mlm_logits_BxLxV'], batch['labels'], batch['weights'], d['masked'])
-    metrics = {'mlm_loss': loss, 'accuracy': acc}
-    if self.name in ('mlm+nsp', 'mlm+sop'):
-      s_loss, s_acc = classification_loss(out['sentence_logits_Bx2'], batch['sentence_labels'], d['rows'])
-      loss = loss + s_loss
-      metrics.update(sentence_loss=s_loss, sentence_accuracy=s_acc)
-    metrics['loss'] = loss
-    return loss, metrics
-
-
-def make_objective(config, model_config: ModelConfig, forbidden_ids: tuple[int, ...] = ()) -> Objective:
-  """The objective `config.objective` names, with the model heads it needs."""
-  name = config.objective
-  if name not in OBJECTIVES:
-    raise ConfigError(f'objective {name!r} is not one of {", ".join(OBJECTIVES)}')
-  if name == 'electra':
-    e = config.electra
-    model = ElectraPretrainer(model_config, generator_fraction=e.generator_fraction,
-                              temperature=e.temperature, forbidden_ids=tuple(forbidden_ids))
-    return Objective(name, model, e.generator_weight, e.discriminator_weight)
-  heads = dataclasses.replace(model_config, mlm_head=True, pooler=True, sentence_head=name != 'mlm',
-                              discriminator_head=False)
-  return Objective(name, Bert(heads))
-
-
-def init_state(objective: Objective, tx: optax.GradientTransformation, seed: int, seq_len: int,
-               max_predictions: int):
-  """The initial TrainState with logical-axis boxes on params and optimizer state (unbox before use)."""
-  params_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-  params = objective.init(params_rng, seq_len, max_predictions)
+def init_state(tx: optax.GradientTransformation, seed: int, params) -> TrainState:
+  """The initial TrainState around `params` (boxed or not: the optimizer state takes their boxes)."""
+  state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
   return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
                     skipped=jnp.array(0, jnp.int32), first_bad_step=jnp.array(-1, jnp.int32))
 

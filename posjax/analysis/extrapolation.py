@@ -1,6 +1,6 @@
 """Length extrapolation: MLM loss and accuracy of a pretrained model at multiples of its training length.
 
-    python -m posjax.finetune.extrapolation WORKDIR [WORKDIR ...] [--multiples=1,2,4] [--files=GLOB]
+    python -m posjax.analysis.extrapolation WORKDIR [WORKDIR ...] [--multiples=1,2,4] [--files=GLOB]
 
 Each WORKDIR is a posjax pretraining run (typically one per attention variant). The text is the run's own
 held-out documents (the same split the trainer evaluates on) or `--files`, tokenized with the run's
@@ -34,9 +34,9 @@ from posjax.data import corpus as corpus_lib
 from posjax.data import pretrain
 from posjax.data import tokenizer as tokenizer_lib
 from posjax.errors import ConfigError
-from posjax.finetune import pretrained
+from posjax import pretrained
 from posjax.models import Bert
-from posjax.training import host_memory, steps
+from posjax.training import host_memory, objectives
 
 
 def rows_of_length(stream: np.ndarray, length: int, specials: pretrain.Specials, max_rows: int) -> np.ndarray:
@@ -68,7 +68,7 @@ def mlm_scores(cfg: ModelConfig, params, batch) -> tuple[float, float, float]:
   out = Bert(cfg).apply({'params': params}, batch['ids'], batch['mask'], mlm_positions_BxP=batch['positions'],
                         only_predicted_rows=not cfg.discriminator_head)
   logits = out['mlm_logits_BxLxV'].astype(jnp.float32)
-  loss, acc = steps.mlm_loss(logits, batch['labels'], batch['weights'])
+  loss, acc = objectives.mlm_loss(logits, batch['labels'], batch['weights'])
   n = batch['weights'].sum()
   return loss * n, acc * n, n
 
@@ -158,14 +158,14 @@ def evaluate_workdir(workdir: str, multiples=(1, 2, 4), files: str = '', max_tok
     raise ConfigError(f'{workdir!r} is not a posjax pretraining workdir (no checkpoints/)')
   pre = pretrained.load(workdir)
   cfg, params = pre.mlm
-  if not pre.max_seq_len:
+  if not pre.seq_len:
     raise ConfigError(f'{workdir}: its checkpoint does not record data.seq_len (the training length)')
   tok = pre.tokenizer
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
   stream = token_stream(tok, held_out_text(pre.run_config, workdir, files), specials.sep,
-                        tokens_needed(multiples, pre.max_seq_len, max_tokens))
+                        tokens_needed(multiples, pre.seq_len, max_tokens))
   cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
-  return evaluate_model(cfg, params, stream, specials, pre.max_seq_len, multiples, max_tokens, seed=seed,
+  return evaluate_model(cfg, params, stream, specials, pre.seq_len, multiples, max_tokens, seed=seed,
                         label=os.path.basename(os.path.normpath(workdir)), vocab_size=tok.get_vocab_size())
 
 
