@@ -69,9 +69,11 @@ def position_embeddings(cfg: ModelConfig, params, n: int) -> np.ndarray | None:
 
 def embedding_positional_attention(cfg: ModelConfig, params, n: int) -> list[np.ndarray] | None:
   """Per distinct layer, F_HxNxN = (P W_q^h)(P W_k^h)^T / sqrt(Dh): the logits position alone contributes
-  through the absolute embeddings (Wennberg & Henter's hat-F_P), or None without absolute positions."""
+  through the absolute embeddings (Wennberg & Henter's hat-F_P), or None without absolute positions, and
+  when `convqkv` convolves queries or keys (their positional part is then not a product of projections)."""
   p_NxD = position_embeddings(cfg, params, n)
-  if p_NxD is None:
+  proj = registry.parse(cfg.attention).projection
+  if p_NxD is None or (proj is not None and set('qk') & set(cfg.option('convqkv_targets'))):
     return None
   enc = backbone(params)['encoder']
   out = []
