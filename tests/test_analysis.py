@@ -132,6 +132,10 @@ def test_absolute_positional_attention_by_hand_and_sinusoidal_gram_is_toeplitz()
   s = analysis.summary(dataclasses.replace(cfg, attention='sinusoidal'), params, 20)
   assert s['embedding_gram'] == pytest.approx(1.0, abs=1e-9)  # sin/cos inner products depend on i - j only
   assert analysis.summary(micro('none'), {'encoder': params['encoder']}, 8)['positional_attention'] is None
+  # Convolved queries or keys are no longer P W_q, P W_k: nothing to report; convolved values change nothing.
+  assert analysis.embedding_positional_attention(micro('absolute+convqkv'), params, n) is None
+  values = micro('absolute+convqkv', attention_options=(('convqkv_targets', 'v'),))
+  np.testing.assert_array_equal(analysis.embedding_positional_attention(values, params, n)[1], pa)
 
 
 def test_electra_and_albert_layouts():

@@ -148,6 +148,21 @@ def test_matches_numpy_transcription(variant, opts):
   np.testing.assert_allclose(ours, want, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize('opts', [{}, dict(convqkv_mixed=False, convvalues_scale=True),
+                                  dict(convqkv_separable=False, convqkv_groups=2)])
+def test_every_parameter_has_logical_axis_names(opts):
+  cfg = config('convqkv+convvalues', **opts)
+  params = jax.eval_shape(MultiHeadAttention(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, L, D)),
+                          jnp.ones((1, L), bool))['params']
+  leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned), jax.tree_util.keystr(path)
+    assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
+  names = {jax.tree_util.keystr(p) for p, _ in leaves}
+  # Mixed: the linear projections keep the other half of the heads; not mixed: there are none.
+  assert ("['query']['kernel']" in names) == (opts.get('convqkv_mixed', True))
+
+
 # ---- properties for non-default settings -----------------------------------------------------------------
 
 PROPERTY_CASES = [
