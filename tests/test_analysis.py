@@ -13,7 +13,7 @@ from posjax import analysis
 from posjax.analysis import __main__ as cli
 from posjax.analysis import positional
 from posjax.attention.alibi import ALiBi
-from posjax.attention.composite import ConvFixed
+from posjax.attention.composite import ConvDynamic, ConvFixed
 from posjax.attention.t5 import T5Bias
 from posjax.attention.tisa import Tisa
 from posjax.config import ModelConfig
@@ -108,6 +108,33 @@ def test_kernels_return_the_parameters_given_and_the_modules_logits():
       np.testing.assert_allclose(k[name].values_HxR[:, idx], bias, atol=1e-6, err_msg=name)
     pa = analysis.positional_attention(cfg, params, n)[li]
     assert analysis.translation_invariance(pa) == pytest.approx([1.0, 1.0])
+
+
+def test_relative_tables_are_the_modules_logits_by_offset(tmp_path):
+  """convq/convk tables spread over (i, j) are each module's logits for unit-vector queries/keys, in the
+  documented orientation (convk reads row clip(i - j) + k); the report draws them."""
+  cfg = micro('none+convq+convk', attention_options=(('composite_kernel_size', 5),))
+  rng = np.random.default_rng(4)
+  mine = {name: {'kernel': rng.normal(size=(5, 8)).astype(np.float32)} for name in ('convq', 'convk')}
+  params = {'encoder': {f'layer_{i}': {'attention': mine} for i in range(2)}}
+  n = 9
+  tables = analysis.relative_tables(cfg, params, n)
+  assert len(tables) == 2 and sorted(tables[0]) == ['convk', 'convq']
+  idx = np.arange(n)[None, :] - np.arange(n)[:, None] + n - 1  # [i, j] -> the index of offset j - i
+  mask = jnp.ones((1, n), bool)
+  for name, from_keys in (('convq', False), ('convk', True)):
+    t = tables[0][name]
+    np.testing.assert_array_equal(t.offsets_R, np.arange(-(n - 1), n))
+    for c in range(8):
+      x = jnp.zeros((1, n, 2, 8)).at[..., c].set(1.0)  # every query and key is the unit vector e_c
+      term = ConvDynamic(cfg, from_keys=from_keys).apply({'params': mine[name]}, x, x, mask)[0, 0]
+      np.testing.assert_allclose(t.values_RxDh[:, c][idx] / np.sqrt(8), term, atol=1e-6, err_msg=name)
+  # By hand, offset d = j - i = +1 (index n): convq reads row clip(1) + 2 = 3, convk row clip(-1) + 2 = 1.
+  np.testing.assert_array_equal(tables[1]['convq'].values_RxDh[n], mine['convq']['kernel'][3])
+  np.testing.assert_array_equal(tables[1]['convk'].values_RxDh[n], mine['convk']['kernel'][1])
+  s = analysis.analyze(analysis.Checkpoint(cfg, params, None, 'posjax'), str(tmp_path), 8)
+  assert str(tmp_path / 'relative_tables.png') in s['files']
+  assert (tmp_path / 'relative_tables.png').stat().st_size > 1000
 
 
 def test_absolute_positional_attention_by_hand_and_sinusoidal_gram_is_toeplitz():

@@ -79,8 +79,8 @@ def test_their_code_needs_convq_and_convk_without_qk():
 # ---- initialisation ---------------------------------------------------------------------------------------
 
 INIT_SETTINGS = [
-    ('qk_convfixed_convq_convk_convolution_scaled 8', 'convolution_depth_mixed 2 1', 'convolution_depth_mixed 2 1',
-     False),
+    ('qk_convfixed_convq_convk_convolution_scaled 8', 'convolution_depth_mixed 2 1',
+     'convolution_depth_mixed 2 1', False),
     ('qk_convk_convolution 3', 'convolution_mixed 2 4', 'convolution_mixed 2 4', False),
 ]
 

@@ -52,6 +52,12 @@ def window_index(length: int, k: int) -> np.ndarray:
   return np.clip(pos[None, :] - pos[:, None], -k, k) + k
 
 
+def offset_taps(d, k: int, from_keys: bool = False):
+  """The row of a `convq`/`convk` table read at offset d = j - i (key minus query position): clip(d, -k, k) + k
+  for `convq`, clip(-d, -k, k) + k for `convk`, whose taps the authors index by i - j."""
+  return np.clip(-d if from_keys else d, -k, k) + k
+
+
 class ConvFixed(nn.Module):
   """Returns bias_1xHxLxL with bias[0, h, i, j] = w[h, clip(j - i) + k]."""
   config: ModelConfig
@@ -84,11 +90,10 @@ class ConvDynamic(nn.Module):
     # Every position meets only the 2k+1 distinct taps; the LxL term is a gather of this small product.
     s_BxHxLxR = jnp.einsum('bnhd,rd->bhnr', x_BxLxHxDh, jnp.asarray(r_RxDh, x_BxLxHxDh.dtype))
     s_BxHxLxR = s_BxHxLxR / jnp.sqrt(jnp.asarray(dh, s_BxHxLxR.dtype))
-    idx_LxL = window_index(l, k)
     pos = np.arange(l)
-    if self.from_keys:
-      return s_BxHxLxR[:, :, pos[None, :], idx_LxL.T]  # [b, h, i, j] = s[b, h, j, idx[j, i]]
-    return s_BxHxLxR[:, :, pos[:, None], idx_LxL]  # [b, h, i, j] = s[b, h, i, idx[i, j]]
+    idx_LxL = offset_taps(pos[None, :] - pos[:, None], k, self.from_keys)  # [i, j]: the tap of offset j - i
+    n = pos[None, :] if self.from_keys else pos[:, None]  # whose vector is read: key j or query i
+    return s_BxHxLxR[:, :, n, idx_LxL]  # [b, h, i, j] = s[b, h, n, idx[i, j]]
 
 
 _PAPER = 'Chang et al. 2021 (composite attention)'
