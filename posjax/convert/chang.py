@@ -83,7 +83,7 @@ def attention_settings(attention_kernel: str = 'dot_product', qk: str = 'linear'
   if conv:
     components.append('convqkv')
     opts.update(next(iter(conv.values())))
-    opts['convqkv_targets'] = ''.join(t for t, key in (('qk', 'qk'), ('v', 'v')) if key in conv)
+    opts['convqkv_targets'] = ''.join(t for t in ('qk', 'v') if t in conv)
   if 'convolution' in name:
     components.append('convvalues')
     opts['convvalues_kernel_size'] = 2 * k + 1
