@@ -30,6 +30,22 @@ def ones(names: Sequence[str | None]):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
 
 
+def torch_uniform(fan_in: int, names: Sequence[str | None]):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default init of Conv1d weights and biases, which is also
+  kaiming_uniform_(a=sqrt(5)) on a matrix with `fan_in` columns."""
+  bound = 1.0 / fan_in ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def zero_padding(x_BxLx, mask_BxL):
+  """x with padding positions set to 0 (mask_BxL is True at real tokens)."""
+  mask = mask_BxL.reshape(mask_BxL.shape + (1,) * (x_BxLx.ndim - 2))
+  return jnp.where(mask, x_BxLx, jnp.zeros((), x_BxLx.dtype))
+
+
 class DenseGeneral(nn.Module):
   """y = x . W + b contracting `axis` of x; W has shape (contracted dims..., features...) and logical `names`.
 

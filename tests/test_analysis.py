@@ -13,7 +13,7 @@ from posjax import analysis
 from posjax.analysis import __main__ as cli
 from posjax.analysis import positional
 from posjax.attention.alibi import ALiBi
-from posjax.attention.composite import ConvFixed
+from posjax.attention.composite import ConvDynamic, ConvFixed
 from posjax.attention.t5 import T5Bias
 from posjax.attention.tisa import Tisa
 from posjax.config import ModelConfig
@@ -110,6 +110,33 @@ def test_kernels_return_the_parameters_given_and_the_modules_logits():
     assert analysis.translation_invariance(pa) == pytest.approx([1.0, 1.0])
 
 
+def test_relative_tables_are_the_modules_logits_by_offset(tmp_path):
+  """convq/convk tables spread over (i, j) are each module's logits for unit-vector queries/keys, in the
+  documented orientation (convk reads row clip(i - j) + k); the report draws them."""
+  cfg = micro('none+convq+convk', attention_options=(('composite_kernel_size', 5),))
+  rng = np.random.default_rng(4)
+  mine = {name: {'kernel': rng.normal(size=(5, 8)).astype(np.float32)} for name in ('convq', 'convk')}
+  params = {'encoder': {f'layer_{i}': {'attention': mine} for i in range(2)}}
+  n = 9
+  tables = analysis.relative_tables(cfg, params, n)
+  assert len(tables) == 2 and sorted(tables[0]) == ['convk', 'convq']
+  idx = np.arange(n)[None, :] - np.arange(n)[:, None] + n - 1  # [i, j] -> the index of offset j - i
+  mask = jnp.ones((1, n), bool)
+  for name, from_keys in (('convq', False), ('convk', True)):
+    t = tables[0][name]
+    np.testing.assert_array_equal(t.offsets_R, np.arange(-(n - 1), n))
+    for c in range(8):
+      x = jnp.zeros((1, n, 2, 8)).at[..., c].set(1.0)  # every query and key is the unit vector e_c
+      term = ConvDynamic(cfg, from_keys=from_keys).apply({'params': mine[name]}, x, x, mask)[0, 0]
+      np.testing.assert_allclose(t.values_RxDh[:, c][idx] / np.sqrt(8), term, atol=1e-6, err_msg=name)
+  # By hand, offset d = j - i = +1 (index n): convq reads row clip(1) + 2 = 3, convk row clip(-1) + 2 = 1.
+  np.testing.assert_array_equal(tables[1]['convq'].values_RxDh[n], mine['convq']['kernel'][3])
+  np.testing.assert_array_equal(tables[1]['convk'].values_RxDh[n], mine['convk']['kernel'][1])
+  s = analysis.analyze(analysis.Checkpoint(cfg, params, None, 'posjax'), str(tmp_path), 8)
+  assert str(tmp_path / 'relative_tables.png') in s['files']
+  assert (tmp_path / 'relative_tables.png').stat().st_size > 1000
+
+
 def test_absolute_positional_attention_by_hand_and_sinusoidal_gram_is_toeplitz():
   cfg = micro('absolute')
   rng = np.random.default_rng(2)
@@ -132,6 +159,10 @@ def test_absolute_positional_attention_by_hand_and_sinusoidal_gram_is_toeplitz()
   s = analysis.summary(dataclasses.replace(cfg, attention='sinusoidal'), params, 20)
   assert s['embedding_gram'] == pytest.approx(1.0, abs=1e-9)  # sin/cos inner products depend on i - j only
   assert analysis.summary(micro('none'), {'encoder': params['encoder']}, 8)['positional_attention'] is None
+  # Convolved queries or keys are no longer P W_q, P W_k: nothing to report; convolved values change nothing.
+  assert analysis.embedding_positional_attention(micro('absolute+convqkv'), params, n) is None
+  values = micro('absolute+convqkv', attention_options=(('convqkv_targets', 'v'),))
+  np.testing.assert_array_equal(analysis.embedding_positional_attention(values, params, n)[1], pa)
 
 
 def test_electra_and_albert_layouts():

@@ -1,9 +1,9 @@
 """Composite attention (Chang et al. 2021): `convfixed`, `convq`, `convk` score terms.
 
 Oracles are NumPy transcriptions written here (float64), never posjax's implementation:
-- each term straight from its formula, e_hij += w_{h,c} | q_hi.r_c/sqrt(Dh) | k_hj.r_c/sqrt(Dh) with
-  c = clip(j-i, -k, k), inside a NumPy multi-head attention (and a NumPy one-layer BERT for
-  `absolute+convfixed`);
+- each term straight from its formula, e_hij += w_{h,c(j-i)} | q_hi.r_{c(j-i)}/sqrt(Dh) |
+  k_hj.r_{c(i-j)}/sqrt(Dh) with c(d) = clip(d, -k, k) + k (`convk` indexed by i - j, as the authors' code),
+  inside a NumPy multi-head attention (and a NumPy one-layer BERT for `absolute+convfixed`);
 - Chang et al.'s equivalences with the q.k term dropped (`use_qk=False`): `convfixed` is a softmax-normalised
   lightweight convolution of the values (Wu et al. 2019) and `convq` a dynamic lightweight convolution.
 """
@@ -57,6 +57,7 @@ def batch(length=12, lengths=(12, 7), seed=0):
 
 
 def tap(i, j, k):
+  """The tap of key j for query i: clip(j - i, -k, k) + k."""
   return min(max(j - i, -k), k) + k
 
 
@@ -91,7 +92,7 @@ def np_convk(p, q, k_, k):
   term = np.zeros((b, h, l, l))
   for i in range(l):
     for j in range(l):
-      term[:, :, i, j] = k_[:, j] @ r[tap(i, j, k)] / math.sqrt(dh)
+      term[:, :, i, j] = k_[:, j] @ r[tap(j, i, k)] / math.sqrt(dh)  # clip(i - j) + k
   return term
 
 

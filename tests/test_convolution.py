@@ -1,7 +1,8 @@
-"""`convqkv` and `convvalues` (Chang et al. 2021) against a NumPy transcription of the whole attention with
-explicit sliding-window convolutions, one per option setting; then padding invariance, translation
-equivariance, finite gradients and bfloat16 for non-default settings of all three convolution components
-(tests/test_variants.py covers the defaults)."""
+"""`convqkv` and `convvalues` (Chang et al. 2021) against a NumPy transcription of their formulas in the whole
+attention with explicit sliding-window convolutions, one per option setting; then padding invariance,
+translation equivariance, finite gradients and bfloat16 for non-default settings of all three convolution
+components (tests/test_variants.py covers the defaults). tests/test_chang.py holds them against the authors'
+own code."""
 
 import math
 
@@ -48,10 +49,11 @@ def np_gelu(x):
   return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
-def np_full_conv(x_BxLxC, w_KxCgxC, b_C, groups):
-  """torch Conv1d(C, C, K, groups, padding=K//2) as a loop over output positions, taps and channels."""
-  b, l, c = x_BxLxC.shape
-  k, cg = w_KxCgxC.shape[0], c // groups
+def np_full_conv(x_BxLxD, w_KxDgxC, b_C, groups):
+  """torch Conv1d(D, C, K, groups, padding=K//2) as a loop over output positions, taps and channels."""
+  b, l, d = x_BxLxD.shape
+  k, dg, c = w_KxDgxC.shape
+  cg = c // groups
   y = np.zeros((b, l, c)) + b_C
   for i in range(l):
     for t in range(k):
@@ -60,7 +62,7 @@ def np_full_conv(x_BxLxC, w_KxCgxC, b_C, groups):
         continue
       for o in range(c):
         g = o // cg
-        y[:, i, o] += x_BxLxC[:, j, g * cg:(g + 1) * cg] @ w_KxCgxC[t, :, o]
+        y[:, i, o] += x_BxLxD[:, j, g * dg:(g + 1) * dg] @ w_KxDgxC[t, :, o]
   return y
 
 
@@ -76,34 +78,35 @@ def np_depthwise_conv(x_BxLxC, w_KxC, b_C):
   return y
 
 
-def np_convqkv(z_BxLxHxDh, p, mask, opts):
+def np_convqkv(x_BxLxD, p, opts):
+  """The convolved heads of one target from the hidden states (padding already zeroed): BxLxHcxDh."""
   hc = H // 2 if opts.get('convqkv_mixed', True) else H
   c = hc * DH
-  zc = (z_BxLxHxDh[:, :, :hc] * mask[:, :, None, None]).reshape(B, L, c)  # padding zeroed first
   if opts.get('convqkv_separable', True):
-    k = p['depthwise'].shape[0]
-    y = np_depthwise_conv(zc, p['depthwise'].reshape(k, c), p['depthwise_bias'].reshape(c))
+    y = np_depthwise_conv(x_BxLxD, p['depthwise'], p['depthwise_bias'])
     if opts.get('convqkv_activation', False):
       y = np_gelu(y)
-    y = y @ p['pointwise']['kernel'].reshape(c, c) + p['pointwise']['bias'].reshape(c)
+    y = y @ p['pointwise']['kernel'].reshape(D, c) + p['pointwise']['bias'].reshape(c)
   else:
-    k, cg = p['kernel'].shape[:2]
-    y = np_full_conv(zc, p['kernel'].reshape(k, cg, c), p['bias'].reshape(c), opts.get('convqkv_groups', 1))
-  out = z_BxLxHxDh.copy()
-  out[:, :, :hc] = y.reshape(B, L, hc, DH)
-  return out
+    k, dg = p['kernel'].shape[:2]
+    y = np_full_conv(x_BxLxD, p['kernel'].reshape(k, dg, c), p['bias'].reshape(c), opts.get('convqkv_groups', 1))
+  return y.reshape(B, L, hc, DH)
 
 
 def np_attention(params, x, mask, variant, opts):
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   x = x.astype(np.float64)
-  q, k, v = (np.einsum('bld,dhe->blhe', x, p[n]['kernel']) + p[n]['bias'] for n in ('query', 'key', 'value'))
   if 'convqkv' in variant:
-    qkv = {'q': q, 'k': k, 'v': v}
-    for t, name in (('q', 'query'), ('k', 'key'), ('v', 'value')):
-      if t in opts.get('convqkv_targets', 'qkv'):
-        qkv[t] = np_convqkv(qkv[t], p['convqkv'][name], mask, opts)
-    q, k, v = qkv['q'], qkv['k'], qkv['v']
+    x = x * mask[:, :, None]  # hidden states zeroed at padding before every projection
+  qkv = []
+  for t, name in (('q', 'query'), ('k', 'key'), ('v', 'value')):
+    parts = []
+    if 'convqkv' in variant and t in opts.get('convqkv_targets', 'qkv'):
+      parts.append(np_convqkv(x, p['convqkv'][name], opts))  # the first heads, convolved
+    if name in p:  # the linear projection of the other heads
+      parts.append(np.einsum('bld,dhe->blhe', x, p[name]['kernel']) + p[name]['bias'])
+    qkv.append(np.concatenate(parts, axis=2))
+  q, k, v = qkv
   logits = np.einsum('bqhe,bkhe->bhqk', q, k) / math.sqrt(DH)
   logits = np.where(mask[:, None, None, :], logits, -np.inf)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -126,6 +129,7 @@ ORACLE_CASES = [
     ('convqkv', dict(convqkv_separable=False, convqkv_targets='kv', convqkv_kernel_size=5)),
     ('convqkv', dict(convqkv_separable=False, convqkv_groups=4, convqkv_mixed=False, convqkv_targets='vq',
                      convqkv_kernel_size=3)),
+    ('convqkv', dict(convqkv_separable=False, convqkv_groups=8, convqkv_targets='q', convqkv_kernel_size=3)),
     ('convqkv', dict(convqkv_separable=False, convqkv_groups=2, convqkv_targets='k')),
     ('convvalues', {}),
     ('convvalues', dict(convvalues_scale=True, convvalues_kernel_size=3)),
@@ -140,8 +144,23 @@ def test_matches_numpy_transcription(variant, opts):
   x, mask = padded_batch()
   ours = np.asarray(jax.jit(MultiHeadAttention(cfg).apply)({'params': params}, x, mask))
   want = np_attention(params, x, mask, variant, opts)
-  # Every output row, padding rows included, follows the formula with padding zeroed before the convolutions.
+  # Every output row, padding rows included, follows the formula with the hidden states zeroed at padding.
   np.testing.assert_allclose(ours, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize('opts', [{}, dict(convqkv_mixed=False, convvalues_scale=True),
+                                  dict(convqkv_separable=False, convqkv_groups=2)])
+def test_every_parameter_has_logical_axis_names(opts):
+  cfg = config('convqkv+convvalues', **opts)
+  params = jax.eval_shape(MultiHeadAttention(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, L, D)),
+                          jnp.ones((1, L), bool))['params']
+  leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned), jax.tree_util.keystr(path)
+    assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
+  names = {jax.tree_util.keystr(p) for p, _ in leaves}
+  # Mixed: the linear projections keep the other half of the heads; not mixed: there are none.
+  assert ("['query']['kernel']" in names) == (opts.get('convqkv_mixed', True))
 
 
 # ---- properties for non-default settings -----------------------------------------------------------------
@@ -191,6 +210,7 @@ def test_gradients_finite_under_jit_and_bfloat16_runs():
     (dict(convqkv_targets='qx'), 'convqkv_targets'),
     (dict(convqkv_targets=''), 'convqkv_targets'),
     (dict(convqkv_separable=False, convqkv_groups=3), 'convqkv_groups'),
+    (dict(convqkv_separable=False, convqkv_groups=32), 'convqkv_groups'),  # divides D=32, not Hc*Dh=16
     (dict(convvalues_kernel_size=0), 'convvalues_kernel_size'),
 ])
 def test_bad_options_name_the_option(opts, match):

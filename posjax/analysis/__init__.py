@@ -9,8 +9,8 @@ kernels per layer and head, attention maps, and figures; `python -m posjax.analy
 
 from posjax.analysis.sentence import attention_maps, tokenize
 from posjax.analysis.invariance import diagonal_means, toeplitz_projection, translation_invariance
-from posjax.analysis.positional import (Kernel, attention_kernels, embedding_positional_attention, kernels,
-                                       position_embeddings, positional_attention)
+from posjax.analysis.positional import (Kernel, Table, attention_kernels, embedding_positional_attention,
+                                       kernels, position_embeddings, positional_attention, relative_tables)
 from posjax.analysis.report import analyze, summary
 from posjax.pretrained import Pretrained as Checkpoint
 
@@ -21,8 +21,9 @@ def load(path: str, step: int | None = None) -> Checkpoint:
   from posjax import pretrained  # pylint: disable=g-import-not-at-top
   return pretrained.load(path, step=step, need_tokenizer=False, what='checkpoint')
 
+
 __all__ = [
     'attention_maps', 'tokenize', 'diagonal_means', 'toeplitz_projection', 'translation_invariance', 'Kernel',
     'attention_kernels', 'embedding_positional_attention', 'kernels', 'position_embeddings',
-    'positional_attention', 'Checkpoint', 'load', 'analyze', 'summary',
+    'positional_attention', 'Table', 'relative_tables', 'Checkpoint', 'load', 'analyze', 'summary',
 ]

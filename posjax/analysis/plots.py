@@ -48,6 +48,30 @@ def kernels(layers: list[dict], path: str, title: str = '') -> str:
   return _save(fig, path)
 
 
+def tables(layers: list[dict], path: str, title: str = '') -> str:
+  """Rows = layers, columns = terms: each `convq`/`convk` table as channels against the offset d = j - i."""
+  names = sorted({name for layer in layers for name in layer})
+  fig, axes = _grid(max(len(layers), 1), max(len(names), 1), size=(4.0, 2.8))
+  fig.subplots_adjust(hspace=0.7)
+  for li, layer in enumerate(layers):
+    for ci, name in enumerate(names):
+      ax = axes[li][ci]
+      if name not in layer:
+        ax.axis('off')
+        continue
+      t = layer[name]
+      d, top = t.offsets_R, float(np.abs(t.values_RxDh).max()) or 1.0
+      ax.imshow(t.values_RxDh.T, cmap='RdBu_r', vmin=-top, vmax=top, aspect='auto', interpolation='nearest',
+                extent=(d[0] - 0.5, d[-1] + 0.5, t.values_RxDh.shape[1] - 0.5, -0.5))
+      ax.set_title(f'layer {li} {name}', fontsize=8)
+      ax.set_xlabel('offset d = j - i (key - query)', fontsize=7)
+      ax.set_ylabel('channel', fontsize=7)
+      ax.tick_params(labelsize=6)
+  if title:
+    fig.suptitle(title, fontsize=10, y=1.03)
+  return _save(fig, path)
+
+
 def heatmaps(mats_LxHxNxM: list[np.ndarray], path: str, title: str = '', labels=None, scores=None,
              tokens: list[str] | None = None) -> str:
   """A grid of heatmaps, rows = layers, columns = heads; `scores[l][h]` goes in the panel title."""

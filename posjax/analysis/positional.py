@@ -11,8 +11,9 @@ what the variant adds to the attention logit of query i and key j = i + d before
   attention (P W_q)(P W_k)^T / sqrt(Dh) (see `invariance`).
 
 Content-dependent terms (`relative_key*`, `convq`, `convk`) and RoPE have no content-free kernel and are not
-reported. The kernels are computed here in NumPy from the parameters, not by running the modules, so the
-tests can hold one against the other.
+reported as kernels; `relative_tables` gives the `convq`/`convk` tables by offset instead (in their documented
+orientation: `convk` reads row clip(i - j) + k). The kernels are computed here in NumPy from the parameters,
+not by running the modules, so the tests can hold one against the other.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from posjax.analysis import invariance
 from posjax.attention import registry
 from posjax.attention.absolute import sinusoid_table
 from posjax.attention.alibi import alibi_slopes
-from posjax.attention.composite import kernel_radius
+from posjax.attention.composite import kernel_radius, offset_taps
 from posjax.attention.t5 import relative_position_bucket
 from posjax.config import ModelConfig
 
@@ -69,9 +70,11 @@ def position_embeddings(cfg: ModelConfig, params, n: int) -> np.ndarray | None:
 
 def embedding_positional_attention(cfg: ModelConfig, params, n: int) -> list[np.ndarray] | None:
   """Per distinct layer, F_HxNxN = (P W_q^h)(P W_k^h)^T / sqrt(Dh): the logits position alone contributes
-  through the absolute embeddings (Wennberg & Henter's hat-F_P), or None without absolute positions."""
+  through the absolute embeddings (Wennberg & Henter's hat-F_P), or None without absolute positions, and
+  when `convqkv` convolves queries or keys (their positional part is then not a product of projections)."""
   p_NxD = position_embeddings(cfg, params, n)
-  if p_NxD is None:
+  proj = registry.parse(cfg.attention).projection
+  if p_NxD is None or (proj is not None and set('qk') & set(cfg.option('convqkv_targets'))):
     return None
   enc = backbone(params)['encoder']
   out = []
@@ -121,6 +124,28 @@ def _alibi(cfg, p, d_R, h):
 
 
 _KERNELS = {'tisa': _tisa, 'convfixed': _convfixed, 't5': _t5, 'alibi': _alibi}
+
+
+@dataclasses.dataclass
+class Table:
+  """A `convq`/`convk` table in one layer by offset: values_RxDh[r] . x / sqrt(Dh) is added to the logit at
+  offset offsets_R[r] = j - i, x the query (`convq`) or the key (`convk`)."""
+  variant: str
+  offsets_R: np.ndarray
+  values_RxDh: np.ndarray
+
+
+def relative_tables(cfg: ModelConfig, params, n: int) -> list[dict[str, Table]]:
+  """Per distinct layer, {'convq' | 'convk': Table} at offsets -(n-1)..n-1 (empty without those terms)."""
+  names = [c.name for c in registry.parse(cfg.attention).score if c.name in ('convq', 'convk')]
+  enc = backbone(params)['encoder']
+  d_R = np.arange(-(n - 1), n)
+  out = []
+  for layer in layer_names(cfg):
+    att = nn.unbox(enc[layer]['attention'])
+    out.append({name: Table(name, d_R, np.asarray(att[name]['kernel'], np.float64)[
+        offset_taps(d_R, kernel_radius(cfg), name == 'convk')]) for name in names})
+  return out
 
 
 def dot_product_heads(cfg: ModelConfig) -> int:

@@ -33,7 +33,8 @@ def summary(cfg, params, n: int) -> dict:
 
 def analyze(ck: Checkpoint, out: str, length: int | None = None, sentence: str = DEFAULT_SENTENCE) -> dict:
   """Writes to `out`: summary.json, kernels.png, positional_attention.png (and embedding_gram.png with
-  absolute positions), attention_maps.png (when the checkpoint has a tokenizer). Returns the summary with
+  absolute positions, relative_tables.png with convq/convk), attention_maps.png (when the checkpoint has a
+  tokenizer). Returns the summary with
   the paths of the files written under 'files'."""
   cfg, params = ck.config, ck.params
   n = min(length or 64, cfg.max_position_embeddings)
@@ -50,6 +51,10 @@ def analyze(ck: Checkpoint, out: str, length: int | None = None, sentence: str =
     files.append(plots.heatmaps(pa, os.path.join(out, 'positional_attention.png'),
                                 f'positional attention (no content, no softmax): {name}',
                                 scores=s['positional_attention']))
+  tables = kernels_lib.relative_tables(cfg, params, n)
+  if any(tables):
+    files.append(plots.tables(tables, os.path.join(out, 'relative_tables.png'),
+                              f'convq/convk tables: {name}'))
   p_NxD = kernels_lib.position_embeddings(cfg, params, n)
   if p_NxD is not None:
     files.append(plots.heatmaps([(p_NxD @ p_NxD.T)[None]], os.path.join(out, 'embedding_gram.png'),

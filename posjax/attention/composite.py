@@ -1,22 +1,28 @@
 """Composite attention (Chang, Xu, Xu & Tu 2021, "Convolutions and Self-Attention: Re-interpreting Relative
 Positions in Pre-trained Language Models", ACL): convolution terms added to the attention logits.
 
-With k = (`composite_kernel_size` - 1) / 2 and c(i, j) = clip(j - i, -k, k):
+With k = (`composite_kernel_size` - 1) / 2 and c(d) = clip(d, -k, k) + k, the tap of offset d:
 
-- `convfixed`: e_hij += w_{h, c(i,j)}                  fixed lightweight convolution, w of shape Hx(2k+1);
-- `convq`:     e_hij += q_hi . r_{c(i,j)} / sqrt(Dh)    query-based dynamic lightweight convolution (Shaw et
+- `convfixed`: e_hij += w_{h, c(j-i)}                  fixed lightweight convolution, w of shape Hx(2k+1);
+- `convq`:     e_hij += q_hi . r_{c(j-i)} / sqrt(Dh)    query-based dynamic lightweight convolution (Shaw et
                                                         al.'s relative keys), r of shape (2k+1)xDh shared by
                                                         the heads;
-- `convk`:     e_hij += k_hj . r_{c(i,j)} / sqrt(Dh)    key-based dynamic lightweight convolution.
+- `convk`:     e_hij += k_hj . r_{c(i-j)} / sqrt(Dh)    key-based dynamic lightweight convolution: its taps are
+                                                        indexed by the query's offset from the key, i - j (the
+                                                        authors' code gathers as for queries, then transposes).
 
+These are the conventions of the authors' code (mlpc-ucsd/BERT_Convolutions, `modeling_bert.py`), so their
+`convfixed_param` (1xHx1x(2k+1)), `convq_param` and `convk_param` (Dhx(2k+1)) import as they are
+(`posjax.convert.chang`). Indexing `convk` by j - i instead spans the same functions with its taps reversed.
 Relative positions beyond the window are clipped to the edge weight, not excluded, as in the relative
 embeddings the paper unifies (Shaw et al. 2018 clip; the official README calls `convq` "query-based dynamic
 lightweight convolution (relative embeddings)"). So the window only bounds the number of parameters, and a
 term alone (`use_qk=False`) is a lightweight convolution of the values whose kernel spans the whole sequence
 with the taps beyond +-k tied to the edge taps; for sequences no longer than k+1 it is exactly the windowed
 (softmax-normalised) convolution of Wu et al. 2019, renormalised over the taps inside the sequence.
-The default width 17 (8 positions each way) is the paper's; tables start as N(0, initializer_range) like
-BERT's embeddings. Each term is BxHxL(2k+1) work plus a gather; nothing of size BxHxLxLxDh is built.
+The default width 17 (8 positions each way) is the paper's. Initialisation is the authors': `convfixed`
+starts at zero (no bias), `convq`/`convk` at U(+-1/sqrt(2k+1)) (their kaiming_uniform_(a=sqrt(5)) on the
+Dhx(2k+1) table). Each term is BxHxL(2k+1) work plus a gather; nothing of size BxHxLxLxDh is built.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ def window_index(length: int, k: int) -> np.ndarray:
   return np.clip(pos[None, :] - pos[:, None], -k, k) + k
 
 
+def offset_taps(d, k: int, from_keys: bool = False):
+  """The row of a `convq`/`convk` table read at offset d = j - i (key minus query position): clip(d, -k, k) + k
+  for `convq`, clip(-d, -k, k) + k for `convk`, whose taps the authors index by i - j."""
+  return np.clip(-d if from_keys else d, -k, k) + k
+
+
 class ConvFixed(nn.Module):
   """Returns bias_1xHxLxL with bias[0, h, i, j] = w[h, clip(j - i) + k]."""
   config: ModelConfig
@@ -56,13 +68,13 @@ class ConvFixed(nn.Module):
     cfg = self.config
     k = kernel_radius(cfg)
     l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
-    w_HxR = self.param('kernel', layers.init(cfg.initializer_range, ('heads', 'kernel')), (h, 2 * k + 1),
-                       cfg.param_dtype)
+    w_HxR = self.param('kernel', layers.zeros(('heads', 'kernel')), (h, 2 * k + 1), cfg.param_dtype)
     return jnp.asarray(w_HxR, cfg.dtype)[:, window_index(l, k)][None]
 
 
 class ConvDynamic(nn.Module):
-  """Returns term_BxHxLxL = x_{h,n} . r_{clip(j - i) + k} / sqrt(Dh), n = i (queries) or n = j (keys)."""
+  """Returns term_BxHxLxL: q_{h,i} . r_{clip(j - i) + k} / sqrt(Dh) (queries), k_{h,j} . r_{clip(i - j) + k} /
+  sqrt(Dh) (keys)."""
   config: ModelConfig
   from_keys: bool = False
 
@@ -72,17 +84,16 @@ class ConvDynamic(nn.Module):
     cfg = self.config
     k = kernel_radius(cfg)
     l, dh = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[3]
-    r_RxDh = self.param('kernel', layers.init(cfg.initializer_range, ('kernel', 'kv')), (2 * k + 1, dh),
+    r_RxDh = self.param('kernel', layers.torch_uniform(2 * k + 1, ('kernel', 'kv')), (2 * k + 1, dh),
                         cfg.param_dtype)
     x_BxLxHxDh = k_BxLxHxDh if self.from_keys else q_BxLxHxDh
     # Every position meets only the 2k+1 distinct taps; the LxL term is a gather of this small product.
     s_BxHxLxR = jnp.einsum('bnhd,rd->bhnr', x_BxLxHxDh, jnp.asarray(r_RxDh, x_BxLxHxDh.dtype))
     s_BxHxLxR = s_BxHxLxR / jnp.sqrt(jnp.asarray(dh, s_BxHxLxR.dtype))
-    idx_LxL = window_index(l, k)
     pos = np.arange(l)
-    if self.from_keys:
-      return s_BxHxLxR[:, :, pos[None, :], idx_LxL]  # [b, h, i, j] = s[b, h, j, idx[i, j]]
-    return s_BxHxLxR[:, :, pos[:, None], idx_LxL]  # [b, h, i, j] = s[b, h, i, idx[i, j]]
+    idx_LxL = offset_taps(pos[None, :] - pos[:, None], k, self.from_keys)  # [i, j]: the tap of offset j - i
+    n = pos[None, :] if self.from_keys else pos[:, None]  # whose vector is read: key j or query i
+    return s_BxHxLxR[:, :, n, idx_LxL]  # [b, h, i, j] = s[b, h, n, idx[i, j]]
 
 
 _PAPER = 'Chang et al. 2021 (composite attention)'

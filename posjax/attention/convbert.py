@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from posjax import layers
 from posjax.attention import registry
-from posjax.attention.convolution import depthwise_conv, odd_kernel_size, zero_padding
+from posjax.attention.convolution import depthwise_conv, odd_kernel_size
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -62,7 +62,7 @@ class SpanConvHeads(nn.Module):
 
     x_BxLxD = x_BxLxD.astype(cfg.dtype)
     if not hf_padding:
-      x_BxLxD = zero_padding(x_BxLxD, mask_BxL)
+      x_BxLxD = layers.zero_padding(x_BxLxD, mask_BxL)
     w_KxD = self.param('key_depthwise', layers.init(cfg.initializer_range, ('kernel', 'embed')),
                        (k, cfg.hidden_size), cfg.param_dtype)
     ks_BxLxHxDh = dense((h, dh), ('embed', 'heads', 'kv'), 'key_pointwise')(
@@ -74,7 +74,7 @@ class SpanConvHeads(nn.Module):
     u_BxLxHcxDh = dense((hc, dh), ('embed', 'heads', 'kv'), 'conv_out')(x_BxLxD)
     if not hf_padding:
       # x is zero there already, but the projection's bias is not.
-      u_BxLxHcxDh = zero_padding(u_BxLxHcxDh, mask_BxL)
+      u_BxLxHcxDh = layers.zero_padding(u_BxLxHcxDh, mask_BxL)
     l = u_BxLxHcxDh.shape[1]
     up = jnp.pad(u_BxLxHcxDh, ((0, 0), (k // 2, k // 2), (0, 0), (0, 0)))
     # K shifted copies rather than an unfolded BxLxHcxDhxK tensor.

@@ -1,14 +1,17 @@
 """The one multi-head attention computation every variant plugs into.
 
-    q, k, v = proj(x)                         # q_BxLxHxDh ...
-    q, k, v = qkv transforms(q, k, v)         # RoPE, convolutional q/k/v
+    q, k, v = proj(x)                         # q_BxLxHxDh ...; a projection component (convolutional q/k/v)
+                                               # computes the first heads of some of them from x instead
+    q, k, v = qkv transforms(q, k, v)         # RoPE
     logits  = q.k / sqrt(Dh) + sum score terms   # att_BxHxLxL (terms: relative, T5, TISA, ALiBi, convq ...)
     ctx     = softmax(logits, masked) . v      # float32 softmax
     ctx     = concat(ctx, extra heads(x, q))   # ConvBERT's span-based convolution heads
     ctx     = ctx + output terms(v)            # Chang et al.'s depthwise convolution of values
     y       = out_proj(ctx)
 
-Module interfaces of the pluggable pieces (all receive `mask_BxL`, True at real tokens):
+Module interfaces of the pluggable pieces (`mask_BxL` is True at real tokens):
+- projection: p(x_BxLxD, heads) -> {'q'|'k'|'v': y_BxLxHcxDh}, the first Hc of the `heads` dot-product heads
+          of those targets, from x zeroed at padding (the linear projections see the same x);
 - score:  term(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic) -> logits_[B|1]xHxLxL, added after scaling;
 - qkv:    t(q, k, v, mask_BxL) -> (q, k, v);
 - heads:  h(x_BxLxD, q_BxLxHxDh, mask_BxL, deterministic) -> ctx_BxLxH'xDh;
@@ -64,12 +67,29 @@ class MultiHeadAttention(nn.Module):
     if h < 1:
       raise ConfigError(f'attention variant {cfg.attention!r} leaves no dot-product attention heads out of '
                         f'model.num_heads={cfg.num_heads}')
-    proj = lambda name: layers.dense(  # noqa: E731
-        (h, dh), ('embed', 'heads', 'kv'), stddev=cfg.initializer_range, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, name=name)
-    q_BxLxHxDh = proj('query')(x_BxLxD)
-    k_BxLxHxDh = proj('key')(x_BxLxD)
-    v_BxLxHxDh = proj('value')(x_BxLxD)
+    # With a projection component the hidden states are zeroed at padding before every projection, as in the
+    # authors' code, so that its convolutions see zeros there.
+    xp_BxLxD = x_BxLxD
+    first = {}
+    if plan.projection is not None:
+      xp_BxLxD = layers.zero_padding(x_BxLxD, mask_BxL)
+      first = plan.projection.build(cfg, name=plan.projection.name)(xp_BxLxD, h)
+
+    def project(target, name):
+      """The target's h heads: the projection component's first ones (if any), then the linear rest."""
+      y_BxLxHcxDh = first.get(target)
+      rest = h - (0 if y_BxLxHcxDh is None else y_BxLxHcxDh.shape[2])
+      if not rest:
+        return y_BxLxHcxDh
+      y_BxLxHxDh = layers.dense((rest, dh), ('embed', 'heads', 'kv'), stddev=cfg.initializer_range,
+                                dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)(xp_BxLxD)
+      if y_BxLxHcxDh is None:
+        return y_BxLxHxDh
+      return jnp.concatenate([y_BxLxHcxDh.astype(y_BxLxHxDh.dtype), y_BxLxHxDh], axis=2)
+
+    q_BxLxHxDh = project('q', 'query')
+    k_BxLxHxDh = project('k', 'key')
+    v_BxLxHxDh = project('v', 'value')
 
     for c in plan.qkv:
       q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh = c.build(cfg, name=c.name)(

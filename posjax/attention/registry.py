@@ -5,8 +5,10 @@ in the shared attention computation (see `core.py`):
 
 - `position_embedding`: added to the token embeddings before the encoder (at most one per variant; with none
   named the model has no absolute positions at all, as the relative and TISA papers intend);
+- `projection`: computes the first heads of some of q, k, v from the hidden states in place of their linear
+  projection (convolutional q/k/v; at most one per variant);
 - `score`: an additive term of the attention logits, shape [B or 1, H, Lq, Lk];
-- `qkv`: a transform of queries/keys/values before the dot product (RoPE, convolutional q/k/v);
+- `qkv`: a transform of queries/keys/values before the dot product (RoPE);
 - `heads`: extra heads computed in parallel and concatenated before the output projection (ConvBERT);
 - `output`: a term added to the attention output (Chang et al.'s depthwise convolution of values).
 
@@ -21,7 +23,7 @@ from typing import Any, Callable
 
 from posjax.errors import ConfigError
 
-ROLES = ('position_embedding', 'score', 'qkv', 'heads', 'output')
+ROLES = ('position_embedding', 'projection', 'score', 'qkv', 'heads', 'output')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Plan:
   """A parsed variant: the components of each role, in the order they were named."""
   spec: str
   position_embedding: Component | None
+  projection: Component | None = None
   score: tuple[Component, ...] = ()
   qkv: tuple[Component, ...] = ()
   heads: tuple[Component, ...] = ()
@@ -114,7 +117,7 @@ def parse(spec: str) -> Plan:
       raise ConfigError(
           f'attention variant {spec!r} combines {" and ".join(c.name for c in cs)}, which cannot be used '
           f'together (at most one {role.replace("_", " ")})')
-  pe = by_role['position_embedding']
-  return Plan(spec=spec, position_embedding=pe[0] if pe else None,
+  pe, proj = by_role['position_embedding'], by_role['projection']
+  return Plan(spec=spec, position_embedding=pe[0] if pe else None, projection=proj[0] if proj else None,
               score=tuple(by_role['score']), qkv=tuple(by_role['qkv']),
               heads=tuple(by_role['heads']), output=tuple(by_role['output']))

@@ -5,7 +5,9 @@ A mapping entry says how one HF tensor becomes one posjax parameter:
 - `Linear(n_in)`: a torch Linear weight [out, in] -> kernel of shape (in dims..., out dims...), where the first
   `n_in` dims of the posjax kernel are the input ones (q/k/v kernels are (D, H, Dh), the output one (H, Dh, D));
 - `Bias`: a Linear bias [out] <-> the posjax bias of the output dims (split per head for q/k/v);
-- `Copy`: same values and shape (embeddings, LayerNorm, position tables).
+- `Copy`: same values and shape (embeddings, LayerNorm, position tables);
+- `Conv`: a torch Conv1d weight [out, in/groups, K] -> kernel (K, [in/groups,] out dims...);
+- `Reshape`: same values, reshaped to the posjax shape and back to `shape`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ class Bias:
 
 
 @dataclasses.dataclass(frozen=True)
+class Conv:
+  """A torch Conv1d weight [out, in/groups, K] <-> (K, in/groups, out dims...), or (K, out dims...) when
+  depthwise (in/groups = 1)."""
+  depthwise: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape:
+  shape: tuple[int, ...]  # the other side's shape
+
+
+@dataclasses.dataclass(frozen=True)
 class Entry:
   path: tuple[str, ...]  # posjax parameter path
   key: str  # HF state-dict key
@@ -48,6 +62,11 @@ class Entry:
 def to_posjax(value: np.ndarray, kind, shape: tuple[int, ...]) -> np.ndarray:
   if isinstance(kind, Linear):
     value = value.T
+  elif isinstance(kind, Conv):
+    lead = (shape[0], 1) if kind.depthwise else tuple(shape[:2])
+    if value.ndim != 3 or value.shape[:0:-1] != lead:
+      raise ValueError(f'a Conv1d weight of width {lead[0]} and {lead[1]} input channels per group is needed')
+    value = value.transpose(2, 1, 0)
   if math.prod(value.shape) != math.prod(shape):
     raise ValueError(f'shape {value.shape} cannot become {shape}')
   return np.ascontiguousarray(value.reshape(shape))
@@ -59,6 +78,10 @@ def to_hf(value: np.ndarray, kind) -> np.ndarray:
     value = value.reshape(math.prod(value.shape[:n_in]), -1).T
   elif isinstance(kind, Bias):
     value = value.reshape(-1)
+  elif isinstance(kind, Conv):
+    value = value.reshape(value.shape[0], 1 if kind.depthwise else value.shape[1], -1).transpose(2, 1, 0)
+  elif isinstance(kind, Reshape):
+    value = value.reshape(kind.shape)
   return np.ascontiguousarray(value)
 
 
