@@ -93,12 +93,24 @@ class ModelConfig:
       raise ConfigError(f'model.hidden_act {self.hidden_act!r} is not one of {", ".join(ACTIVATIONS)}')
     # Validate the variant string and option names now, before any tracing, so a typo fails in one line.
     from posjax.attention import registry  # pylint: disable=g-import-not-at-top
-    registry.parse(self.attention)
+    plan = registry.parse(self.attention)
     known = registry.default_options()
     unknown = sorted(k for k, _ in self.attention_options if k not in known)
     if unknown:
       raise ConfigError(f'unknown attention option(s) {", ".join(unknown)}; valid options: '
                         f'{", ".join(sorted(known))}')
+    # Configs carry every option at its default; one set to something else must be read by the variant.
+    used, owners = registry.used_options(plan), registry.owners()
+    unused = sorted(k for k, v in self.attention_options if k not in used and v != known[k])
+    if unused:
+      named = ', '.join(f'{k} (of {"/".join(owners[k])})' for k in unused)
+      raise ConfigError(f'attention option(s) {named} set, but variant {self.attention!r} does not use them')
+    for name, value in (('layer_norm_eps', self.layer_norm_eps), ('initializer_range', self.initializer_range)):
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f'model.{name} must be positive; got {value!r}')
+    if not 0 <= self.pad_token_id < self.vocab_size:
+      raise ConfigError(f'model.pad_token_id must be in [0, model.vocab_size={self.vocab_size}); got '
+                        f'{self.pad_token_id!r}')
 
   @property
   def head_dim(self) -> int:

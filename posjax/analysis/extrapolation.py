@@ -36,7 +36,7 @@ from posjax.data import tokenizer as tokenizer_lib
 from posjax.errors import ConfigError
 from posjax import pretrained
 from posjax.models import Bert
-from posjax.training import host_memory, objectives
+from posjax.training import host_memory, metrics, objectives
 
 
 def rows_of_length(stream: np.ndarray, length: int, specials: pretrain.Specials, max_rows: int) -> np.ndarray:
@@ -90,6 +90,8 @@ def evaluate_model(cfg: ModelConfig, params, stream: np.ndarray, specials: pretr
   limit, why = position_limit(cfg)
   score = jax.jit(functools.partial(mlm_scores, cfg))
   rows = []
+  # Work grows with the tokens scored; the first length's time includes compiling, so the rate starts after it.
+  progress, done_tokens = None, 0
   for m in multiples:
     length = eval_length(m, train_len)
     row = {'model': label, 'attention': cfg.attention, 'multiple': m, 'length': length}
@@ -118,6 +120,16 @@ def evaluate_model(cfg: ModelConfig, params, stream: np.ndarray, specials: pretr
               f'({registry.parse(cfg.attention).position_embedding.name} embedding)')
     rows.append({**row, 'loss': total[0] / total[2], 'accuracy': total[1] / total[2], 'tokens': int(total[2]),
                  'note': note})
+    done_tokens += len(ids) * length
+    left = sum(rows_wanted(eval_length(x, train_len), max_tokens) * eval_length(x, train_len)
+               for x in multiples[len(rows):])
+    if progress is None:
+      progress = metrics.Progress(done_tokens + left, done_tokens, unit='tokens')
+      rate = ''
+    else:
+      rate = f' ({progress.update(done_tokens)})'
+    print(f'{label or cfg.attention}: length {length} ({len(rows)}/{len(multiples)}) loss {rows[-1]["loss"]:.4f}'
+          f'{rate}', file=sys.stderr, flush=True)
   return rows
 
 

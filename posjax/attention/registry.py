@@ -121,3 +121,19 @@ def parse(spec: str) -> Plan:
   return Plan(spec=spec, position_embedding=pe[0] if pe else None, projection=proj[0] if proj else None,
               score=tuple(by_role['score']), qkv=tuple(by_role['qkv']),
               heads=tuple(by_role['heads']), output=tuple(by_role['output']))
+
+
+def owners() -> dict[str, list[str]]:
+  """{option: the names of the components that read it} ('core' for the shared computation's own)."""
+  out = {k: ['core'] for k, _ in CORE_OPTIONS}
+  for c in _REGISTRY.values():
+    for k, _ in c.options:
+      out.setdefault(k, []).append(c.name)
+  return out
+
+
+def used_options(plan: Plan) -> set[str]:
+  """The options a parsed variant reads: its components' and the core's."""
+  components = [c for c in (plan.position_embedding, plan.projection) if c is not None]
+  components += [*plan.score, *plan.qkv, *plan.heads, *plan.output]
+  return {k for k, _ in CORE_OPTIONS} | {k for c in components for k, _ in c.options}

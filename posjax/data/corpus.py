@@ -26,6 +26,9 @@ MIN_DOC_CHARS = 40
 # Longer documents (a megabyte line of scraped text) are cut, so that one record cannot stall batched
 # tokenisation; at seq_len 512 this is still hundreds of sequences.
 MAX_DOC_CHARS = 100_000
+# Part of the name of every prepared local corpus: a change to what the readers make of a file prepares it
+# afresh instead of reusing the older reading.
+READER_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -81,24 +84,67 @@ def _kind(path: str) -> str:
   return {'.jsonl': 'json', '.json': 'json', '.tsv': 'tsv'}.get(os.path.splitext(base)[1], 'text')
 
 
+def file_format(path: str) -> str:
+  """How a file is read: 'text', 'json' or 'tsv', with '+gzip' when compressed."""
+  return _kind(path) + ('+gzip' if path.endswith('.gz') else '')
+
+
+# Reading is bounded by what is kept, never by a line: a plain-text document stops growing at this many bytes
+# (UTF-8 takes at most 4 a character, so the cut to MAX_DOC_CHARS still has its whole text), a JSON-lines or
+# TSV record longer than RECORD_BYTES is skipped (its escapes can take 6 bytes a character; 16 MiB holds 100,000
+# characters many times over), and lines are read at most that many bytes at a time.
+TEXT_BYTES = 4 * MAX_DOC_CHARS
+RECORD_BYTES = 16 * 2**20
+
+
+def _lines(f, limit: int):
+  """(bytes, whole) for each line of a binary file, at most `limit` bytes each: of an overlong line, its first
+  `limit` bytes with whole=False, the rest read and dropped in bounded pieces."""
+  while True:
+    raw = f.readline(limit)
+    if not raw:
+      return
+    if raw.endswith(b'\n') or len(raw) < limit:
+      yield raw, True
+      continue
+    while True:
+      rest = f.readline(1 << 20)
+      if not rest or rest.endswith(b'\n'):
+        break
+    yield raw, False
+
+
 def _records(path: str, text_field: str, skipped: collections.Counter):
   """Raw texts of one file; undecodable or malformed records are counted in `skipped` and passed over."""
   kind = _kind(path)
   column = None
-  paragraph = []
+  paragraph, size = [], 0
   with _open_binary(path) as f:
-    for number, raw in enumerate(f):
+    for raw, whole in _lines(f, TEXT_BYTES if kind == 'text' else RECORD_BYTES):
+      if kind == 'text':
+        if size >= TEXT_BYTES:  # this document is cut: its remaining lines are read and dropped
+          if raw.strip():
+            continue
+        # A cut line may end inside a character: what precedes it is kept.
+        try:
+          line = raw.decode('utf-8') if whole else raw.decode('utf-8', errors='ignore')
+        except UnicodeDecodeError:
+          skipped['lines that are not valid UTF-8'] += 1
+          continue
+        if line.strip():
+          paragraph.append(line)
+          size += len(raw)
+        elif paragraph:
+          yield ''.join(paragraph)
+          paragraph, size = [], 0
+        continue
+      if not whole:
+        skipped[f'records over {RECORD_BYTES >> 20} MiB (skipped)'] += 1
+        continue
       try:
         line = raw.decode('utf-8')
       except UnicodeDecodeError:
         skipped['lines that are not valid UTF-8'] += 1
-        continue
-      if kind == 'text':
-        if line.strip():
-          paragraph.append(line)
-        elif paragraph:
-          yield ''.join(paragraph)
-          paragraph = []
         continue
       if not line.strip():
         continue

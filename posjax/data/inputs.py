@@ -119,8 +119,8 @@ def get_datasets(config, workdir: str) -> Datasets:
   if not sum(stats['documents'].values()):
     raise ConfigError(f'data.source={config.data.source}: no usable text in {documents.what} (skipped: '
                       f'{corpus_lib.why(stats["skipped"])})')
-  train_x = pipeline.PieceExamples(pieces.Pieces(directory, 'train'), seq_len, specials, task)
-  eval_x = pipeline.PieceExamples(pieces.Pieces(directory, 'eval'), seq_len, specials, task)
+  train_x = pipeline.PieceExamples(pieces.Pieces(directory, 'train', vocab), seq_len, specials, task)
+  eval_x = pipeline.PieceExamples(pieces.Pieces(directory, 'eval', vocab), seq_len, specials, task)
   eval_fields = eval_x.materialise(config.eval_batches * config.batch_size, config.seed + 1)
   if len(eval_fields['ids']) == 0:
     eval_fields = train_x.materialise(config.batch_size, config.seed + 1)

@@ -37,6 +37,7 @@ import numpy as np
 
 from posjax.data import corpus
 from posjax.data import pretrain
+from posjax import locks
 from posjax.errors import ConfigError
 
 FORMAT = 1  # of the files below; part of the cache name
@@ -55,7 +56,9 @@ class Pieces:
   """One split's pieces: `len()`, `[i]` (int32 tokens), `document(i)` (the record index it came from).
   Pickles as its path (grain worker processes map the files themselves)."""
 
-  def __init__(self, directory: str, split: str):
+  def __init__(self, directory: str, split: str, vocab_size: int | None = None):
+    """`vocab_size`: every token id must be below it (checked once, here: a damaged token file would otherwise
+    surface as a non-finite loss many steps later)."""
     self.directory, self.split = directory, split
     meta = read_meta(directory)
     try:
@@ -67,6 +70,13 @@ class Pieces:
     if (len(self.offsets) != self.count + 1 or len(self.documents) != self.count or
         (self.count and self.offsets[-1] != len(self.tokens))):
       raise _damaged(directory, f'{split} files do not agree with meta.json')
+    if vocab_size is not None:
+      for start in range(0, len(self.tokens), 1 << 26):
+        block = self.tokens[start:start + (1 << 26)]
+        if len(block) and (int(block.max()) >= vocab_size or int(block.min()) < 0):
+          bad = start + int(np.flatnonzero((block >= vocab_size) | (block < 0))[0])
+          raise _damaged(directory, f'{split}.tokens holds id {int(self.tokens[bad])} at position {bad}, outside '
+                         f'the vocabulary of {vocab_size} tokens')
 
   def _open(self):
     self.tokens = _map(os.path.join(self.directory, f'{self.split}.tokens'), self.dtype)
@@ -152,13 +162,15 @@ def prepare(documents, held_out: np.ndarray, tokenizer, body: int, directory: st
   the work; a multi-host run shares it with `write_part` and `join`."""
   if exists(directory):
     return read_meta(directory)
-  tmp = _tmp_beside(directory)
-  try:
-    part = _write(documents, held_out, tokenizer, body, tmp, range(_blocks(documents)), threads)
-    _finish(tmp, [tmp], [part])
-    _publish(tmp, directory)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  with locks.locked(directory + '.lock'):  # a concurrent run of the same table waits, then uses it
+    if not exists(directory):
+      tmp = _tmp_beside(directory)
+      try:
+        part = _write(documents, held_out, tokenizer, body, tmp, range(_blocks(documents)), threads)
+        _finish(tmp, [tmp], [part])
+        _publish(tmp, directory)
+      finally:
+        shutil.rmtree(tmp, ignore_errors=True)
   return read_meta(directory)
 
 
@@ -186,19 +198,18 @@ def write_part(documents, held_out: np.ndarray, tokenizer, body: int, directory:
     logging.info('process %d of %d: reusing its tokenised part %s', index, count, final)
     return
   try:
-    os.makedirs(parts, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parts)
-    try:
-      part = _write(documents, held_out, tokenizer, body, tmp, blocks, threads, with_documents_skipped=index == 0)
-      with open(os.path.join(tmp, 'part.json'), 'w') as f:
-        json.dump(part, f)
+    with locks.locked(os.path.join(parts, f'{index}.lock')):  # a concurrent run's same part: wait, reuse it
+      if os.path.exists(os.path.join(final, 'part.json')):
+        return
+      _clear_leftovers(parts, f'.tmp-{index}-', final)
+      tmp = tempfile.mkdtemp(prefix=f'.tmp-{index}-', dir=parts)
       try:
+        part = _write(documents, held_out, tokenizer, body, tmp, blocks, threads, with_documents_skipped=index == 0)
+        with open(os.path.join(tmp, 'part.json'), 'w') as f:
+          json.dump(part, f)
         os.rename(tmp, final)
-      except OSError:  # a concurrent run's identical part came first
-        if not os.path.exists(os.path.join(final, 'part.json')):
-          raise
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
+      finally:
+        shutil.rmtree(tmp, ignore_errors=True)
   except OSError:
     if exists(directory):  # a concurrent run published the table and removed the parts under us
       return
@@ -211,22 +222,23 @@ def join(directory: str, count: int) -> dict:
   """Concatenates the `count` parts in order into `directory`, deletes them and returns the statistics."""
   parts = parts_dir(directory, count)
   try:
-    if not exists(directory):  # else a concurrent run published the same table first
-      dirs = [os.path.join(parts, str(i)) for i in range(count)]
-      stats = []
-      for d in dirs:
+    with locks.locked(directory + '.lock'):
+      if not exists(directory):  # else a concurrent run published the same table first
+        dirs = [os.path.join(parts, str(i)) for i in range(count)]
+        stats = []
+        for d in dirs:
+          try:
+            with open(os.path.join(d, 'part.json')) as f:
+              stats.append(json.load(f))
+          except (OSError, ValueError) as e:
+            raise ConfigError(f'data.data_dir: tokenised part {d} cannot be read ({type(e).__name__}: {e}); a '
+                              'multi-host run needs a data dir every host can see') from None
+        tmp = _tmp_beside(directory)
         try:
-          with open(os.path.join(d, 'part.json')) as f:
-            stats.append(json.load(f))
-        except (OSError, ValueError) as e:
-          raise ConfigError(f'data.data_dir: tokenised part {d} cannot be read ({type(e).__name__}: {e}); a '
-                            'multi-host run needs a data dir every host can see') from None
-      tmp = _tmp_beside(directory)
-      try:
-        _finish(tmp, dirs, stats)
-        _publish(tmp, directory)
-      finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+          _finish(tmp, dirs, stats)
+          _publish(tmp, directory)
+        finally:
+          shutil.rmtree(tmp, ignore_errors=True)
   except (OSError, ConfigError):
     if not exists(directory):
       raise
@@ -238,18 +250,28 @@ def _blocks(documents) -> int:
   return -(-len(documents) // BLOCK)
 
 
+def _clear_leftovers(parent: str, prefix: str, target: str):
+  """Under the target's lock: temporary directories `prefix*` in `parent` (runs killed while writing them) and a
+  `target` that was never completed (its meta.json or part.json gone) are deleted; they are caches, remade from
+  the corpus."""
+  for name in os.listdir(parent) if os.path.isdir(parent) else ():
+    if name.startswith(prefix):
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+  if os.path.isdir(target) and not any(os.path.exists(os.path.join(target, f)) for f in ('meta.json', 'part.json')):
+    logging.warning('deleting %s: its tokenised pieces are incomplete (no meta.json); making them again', target)
+    shutil.rmtree(target)
+
+
 def _tmp_beside(directory: str) -> str:
-  parent = os.path.dirname(directory)
+  """A temporary directory beside `directory`; call holding directory's lock (stale ones are cleared here)."""
+  parent, prefix = os.path.dirname(directory), os.path.basename(directory) + '.tmp-'
   os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(prefix='.tmp-', dir=parent)
+  _clear_leftovers(parent, prefix, directory)
+  return tempfile.mkdtemp(prefix=prefix, dir=parent)
 
 
 def _publish(tmp: str, directory: str):
-  try:
-    os.rename(tmp, directory)
-  except OSError:  # another run published the same table first: use theirs
-    if not exists(directory):
-      raise
+  os.rename(tmp, directory)
 
 
 def _write(documents, held_out, tokenizer, body, out, blocks: range, threads,

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 from absl import app, flags
+
+from posjax.errors import ConfigError
 
 flags.DEFINE_string('files', '', 'glob pattern(s) of local .txt / .jsonl / .tsv files (gzip or not)')
 flags.DEFINE_string('text_field', 'text', 'JSON field / TSV column holding the text')
@@ -42,25 +45,46 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str = '', builder_file: s
       raise ValueError(f'{builder_file} defines no tfds builder named {base!r}')
     builder = found[0](data_dir=data_dir, file_format='array_record', config=config or None)
   else:
-    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+    try:
+      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    except ValueError as e:  # not in the catalog (DatasetNotFoundError), or not a dataset name at all
+      raise ConfigError(f'--tfds_name: {name!r}: {str(e).splitlines()[0]} (or give --builder_file)') from None
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+  except (OSError, ConnectionError) as e:
+    raise ConfigError(f'preparing {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}; its builder reads '
+                      f'its source files from --manual_dir (given: {manual_dir or "none"}) or downloads them, and '
+                      'this machine cannot: fetch them beforehand') from None
+  except Exception as e:  # pylint: disable=broad-except  (requests' errors when a builder tries the network)
+    if type(e).__module__.split('.')[0] not in ('requests', 'urllib3'):
+      raise
+    raise ConfigError(f'preparing {name}: its builder tried to download its source files ({str(e)[:200]}); '
+                      'posjax never downloads: fetch them beforehand into --manual_dir') from None
   return builder
 
 
 def main(argv):
   del argv
+  try:
+    prepare(FLAGS)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(e.exit_code)
+
+
+def prepare(flags_):
   from posjax.data import sources  # pylint: disable=g-import-not-at-top
-  data_dir = FLAGS.data_dir or os.environ.get('TFDS_DATA_DIR')
+  data_dir = flags_.data_dir or os.environ.get('TFDS_DATA_DIR')
   if not data_dir:
-    raise app.UsageError('--data_dir (or $TFDS_DATA_DIR) is required')
-  if bool(FLAGS.files) == bool(FLAGS.tfds_name):
-    raise app.UsageError('give exactly one of --files and --tfds_name')
-  if FLAGS.files:
-    builder = sources.prepare_local(FLAGS.files, FLAGS.text_field, data_dir)
+    raise ConfigError('--data_dir (or $TFDS_DATA_DIR) is required')
+  if bool(flags_.files) == bool(flags_.tfds_name):
+    raise ConfigError('give exactly one of --files and --tfds_name')
+  if flags_.files:
+    builder = sources.prepare_local(flags_.files, flags_.text_field, data_dir)
     print(f'{builder.info.full_name} in {data_dir}: {builder.info.splits["train"].num_examples} documents; '
           f'skipped: {builder.info.metadata.get("skipped")}')
   else:
-    builder = prepare_tfds(FLAGS.tfds_name, data_dir, FLAGS.manual_dir, FLAGS.builder_file)
+    builder = prepare_tfds(flags_.tfds_name, data_dir, flags_.manual_dir, flags_.builder_file)
     print(f'{builder.info.full_name} in {data_dir}: ' +
           ', '.join(f'{k} {v.num_examples}' for k, v in builder.info.splits.items()))
 

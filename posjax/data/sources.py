@@ -14,16 +14,21 @@ Skipped records and why are kept in the prepared dataset's metadata, so a reused
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
+import io
 import os
+import shutil
 import sys
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from posjax import locks
 from posjax.data import corpus as corpus_lib
 from posjax.errors import ConfigError
 
@@ -80,8 +85,11 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder):
 
 
 def _content_name(paths, text_field: str) -> str:
-  h = hashlib.sha256(text_field.encode())
+  """A digest of what the reader makes of `paths`: their bytes, each file's format (the same bytes as
+  `a.jsonl` and as `a.txt` are different corpora), the text field and the reader's version."""
+  h = hashlib.sha256(f'{corpus_lib.READER_VERSION}\0{text_field}'.encode())
   for path in paths:
+    h.update(f'\0{corpus_lib.file_format(path)}\0'.encode())
     with open(path, 'rb') as f:
       while chunk := f.read(1 << 20):
         h.update(chunk)
@@ -109,17 +117,22 @@ def _reopened(builder: LocalCorpus, data_dir: str) -> LocalCorpus:
 def _prepare(builder: LocalCorpus, data_dir: str) -> LocalCorpus:
   if builder.is_prepared():
     return builder
-  tfds.disable_progress_bar()
-  try:
-    builder.download_and_prepare()
-    return builder
-  except ConfigError:
-    raise
-  except (OSError, ValueError, RuntimeError):
-    # Another run preparing the same content into the same data dir may have won the race to publish it.
+  version_dir = builder.data_dir
+  # Runs preparing the same content into one data dir take turns; the one holding the lock knows that any
+  # `incomplete.*` directory tfds left beside it is a killed run's, and deletes it.
+  with locks.locked(os.path.join(os.path.dirname(version_dir), 'prepare.lock')):
     builder = _reopened(builder, data_dir)
-    if not builder.is_prepared():
-      raise
+    if builder.is_prepared():
+      return builder
+    parent = os.path.dirname(version_dir)
+    for name in os.listdir(parent):
+      if name.startswith('incomplete.'):
+        logging.warning('deleting %s, left by a preparation that did not finish', os.path.join(parent, name))
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tfds.disable_progress_bar()
+    logging.info('preparing %s into %s', builder.builder_config.description, version_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading and preparing ... Unknown size"
+      builder.download_and_prepare()
     return builder
 
 
@@ -156,6 +169,9 @@ def open_tfds(name: str, split: str, data_dir: str):
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ConfigError(f'data.tfds_name: {name!r} is neither in the tfds catalog nor prepared in {data_dir} '
                       f'({str(e).splitlines()[0]}); {_prepare_hint(name, data_dir)}') from None
+  except ValueError as e:  # tfds could not parse it as a dataset name
+    raise ConfigError(f'data.tfds_name: {name!r} is not a tfds dataset name (NAME[/CONFIG][:VERSION], e.g. '
+                      f'imdb_reviews or wikipedia/20230601.en): {str(e).splitlines()[0]}') from None
   if not builder.is_prepared():
     raise ConfigError(f'data.tfds_name: {name!r} is not prepared in {data_dir} and is never downloaded at run '
                       f'time; {_prepare_hint(name, data_dir)}')
@@ -179,6 +195,7 @@ class Documents:
   what: str
   identity: str
   skipped: collections.Counter  # found while preparing the dataset (local corpora)
+  remedy: str = ''  # what to do after deleting a damaged prepared dataset
 
   def __len__(self):
     return len(self.source)
@@ -187,8 +204,14 @@ class Documents:
     """(index, cleaned text) of the records at `indices` that hold usable text; the rest counted in
     `skipped`."""
     indices = [int(i) for i in indices]
+    try:
+      records = self.source.__getitems__(indices) if indices else []
+    except RuntimeError as e:  # array_record / riegeli: a damaged (truncated, overwritten) file
+      raise self._damaged(str(e).splitlines()[0][:200]) from None
     out = []
-    for i, record in zip(indices, self.source.__getitems__(indices) if indices else []):
+    for i, record in zip(indices, records):
+      if record is None or any(v is None for v in record.values()):  # what a cut-short file reads back as
+        raise self._damaged(f'record {i} reads back empty')
       if self.feature not in record:
         raise ConfigError(f'data.text_feature: {self.what} has no feature {self.feature!r} (features: '
                           f'{", ".join(sorted(record))})')
@@ -206,6 +229,10 @@ class Documents:
       if doc is not None:
         out.append((i, doc))
     return out
+
+  def _damaged(self, why: str) -> ConfigError:
+    return ConfigError(f'{self.what}: a prepared file is damaged ({why}); delete the prepared dataset\'s '
+                       f'directory{self.remedy}')
 
   def iter_texts(self, indices, skipped: collections.Counter, block: int = 1024):
     """Cleaned texts of the records at `indices`, in order, read `block` records at a time."""
@@ -227,13 +254,14 @@ def open_documents(data, workdir: str) -> Documents:
     where = f'{data.tfds_name}[{data.tfds_split}]'
     what = f'tfds {where} feature {data.text_feature!r} in {data_dir}'
     return Documents(source, data.text_feature, what, f'tfds:{where}:{data.text_feature}:{data_dir}',
-                     collections.Counter())
+                     collections.Counter(), f' in {data_dir} and prepare it again ({_prepare_hint(data.tfds_name, data_dir)})')
   if data.source == 'files' and not data.files:
     raise ConfigError('data.files is empty; data.source=files needs glob pattern(s)')
   builder = prepare_local(data.files, data.text_field, data_dir)  # source 'default' reads data.files too
   what = f'{builder.builder_config.description} (tfds {builder.info.full_name} in {data_dir})'
   return Documents(builder.as_data_source(split='train'), 'text', what, f'local:{builder.info.full_name}',
-                   collections.Counter(builder.info.metadata.get('skipped', {})))
+                   collections.Counter(builder.info.metadata.get('skipped', {})),
+                   f' ({builder.data_dir}): the next run prepares it again from the files')
 
 
 def held_out(n: int, seed: int, fraction: float) -> np.ndarray:

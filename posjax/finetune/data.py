@@ -43,6 +43,16 @@ def _label(task: Task, value: str, where: str):
   return task.labels.index(value)
 
 
+def _utf8_lines(f, path: str):
+  """(line number, text) of a binary file; a line that is not UTF-8 is an error naming the file and line."""
+  for n, raw in enumerate(f, 1):
+    try:
+      yield n, raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise ConfigError(f'{path}, line {n}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the '
+                        'line); save the file as UTF-8') from None
+
+
 def read_tsv(task: Task, split: Split, directory: str) -> Examples:
   """One split of a task from GLUE's TSV layout. Rows are split on tabs only (GLUE's files hold unescaped
   quotes); every row must have the header's column count (CoLA, headerless: 4)."""
@@ -53,8 +63,8 @@ def read_tsv(task: Task, split: Split, directory: str) -> Examples:
   texts = tuple([] for _ in split.text)
   labels, index = [], []
   expected = None if split.header else max(split.text + (split.label or 0,)) + 1
-  with open(path, encoding='utf-8', newline='\n') as f:
-    for n, line in enumerate(f, 1):
+  with open(path, 'rb') as f:
+    for n, line in _utf8_lines(f, path):
       line = line.rstrip('\r\n')
       if split.header and n == 1:
         expected = len(line.split('\t'))
@@ -88,8 +98,8 @@ def read_jsonl(task: Task, split: Split, directory: str, text_field: str = 'text
     raise ConfigError(f'{task.name}: {path} does not exist (data.dir should hold {split.file})')
   texts, labels = [], []
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rt', encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
+  with opener(path, 'rb') as f:
+    for n, line in _utf8_lines(f, path):
       if not line.strip():
         continue
       where = f'{path}, line {n}'

@@ -3,10 +3,13 @@ of every leaf of the state, so a checkpoint damaged after it was written is neve
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging as std_logging
 import os
 import re
+import shutil
 
 from absl import logging
 import flax.linen as nn
@@ -80,6 +83,49 @@ def file_digest(path: str) -> str | None:
   return h.hexdigest()
 
 
+def _from_orbax(record) -> bool:
+  """A log record of an exception raised inside orbax or tensorstore."""
+  tb = record.exc_info[2] if record.exc_info else None
+  while tb is not None:
+    if any(part in tb.tb_frame.f_code.co_filename for part in ('/orbax/', 'tensorstore')):
+      return True
+    tb = tb.tb_next
+  return False
+
+
+# Orbax runs its reads and writes as asyncio tasks; when one fails (a full disk, a damaged file) the error
+# reaches us through the call, and asyncio also logs every failed sibling task with its traceback. Those
+# duplicates are dropped.
+std_logging.getLogger('asyncio').addFilter(
+    lambda r: not (str(r.msg).startswith('Task exception was never retrieved') and _from_orbax(r)))
+
+
+def human_bytes(n: float) -> str:
+  for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
+    if n < 1024 or unit == 'TB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+
+
+def check_space(directory: str, state) -> None:
+  """A save that cannot fit is an error naming the path and the space, before orbax starts writing it."""
+  need = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in getattr(x, 'addressable_shards', ())
+             ) or sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
+  need = int(need * 1.05) + (1 << 20)
+  os.makedirs(directory, exist_ok=True)
+  free = shutil.disk_usage(directory).free
+  if free < need:
+    raise WriteError(f'{directory}: no space for the next checkpoint: it needs about {human_bytes(need)} and the disk '
+                     f'has {human_bytes(free)} free')
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """Whether `e` (an OSError, or orbax's and tensorstore's wrapping of one) says a disk is full."""
+  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return True
+  return 'No space left on device' in str(e) or "os_error_code='28'" in str(e)
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, data=None) -> None:
   """The state, `meta` (JSON, with the state's checksums) and, when given, `data`: the training data's grain
   iterator, whose position is saved as its own item (one per process) and whose digest goes into `meta`.
@@ -87,6 +133,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, data=None) -
   Orbax declines, returning False and logging nothing, to save a step that is not newer than the latest one
   on disk; `restore_latest` moves aside what would make it decline, and a refusal that still happens is an
   error here, never a save reported as done."""
+  check_space(str(mngr.directory), state)
   meta = {**meta, 'checksums': checksums(state)}
   items = dict(state=ocp.args.StandardSave(state))
   if data is not None:

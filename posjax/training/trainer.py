@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import shutil
 from typing import Any, Callable
 
 from absl import logging
@@ -26,7 +28,7 @@ import jax
 import numpy as np
 import optax
 
-from posjax.errors import ConfigError, Error, NonFiniteError
+from posjax.errors import ConfigError, Error, NonFiniteError, WriteError
 from posjax.training import checkpoint, distributed, metrics, preemption, sharding, steps
 from posjax.training import workdir as workdir_lib
 
@@ -171,7 +173,7 @@ def train(config, workdir: str, make_task: Callable[[Any, str], Task]) -> dict:
   with preemption.StopRequest() as stop:
     distributed.initialize(config)  # before anything touches a device
     workdir_lib.check(workdir)
-    lock = distributed.everyone(lambda: jax.process_index() == 0 and workdir_lib.Lock(workdir).acquire(),
+    lock = distributed.everyone(lambda: jax.process_index() == 0 and workdir_lib.lock(workdir),
                                 'locking the workdir')
     try:
       task = make_task(config, workdir)
@@ -179,14 +181,29 @@ def train(config, workdir: str, make_task: Callable[[Any, str], Task]) -> dict:
         return _train(config, workdir, task, stop)
       finally:
         task.train_iter.close()  # stops its prefetch thread and worker processes
+    except Error:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (a full disk, wherever a write found it)
+      if not checkpoint.is_disk_full(e):
+        raise
+      path = getattr(e, 'filename', None) or workdir
+      free = shutil.disk_usage(path if os.path.exists(path) else workdir).free
+      raise WriteError(f'{path}: no space left on device ({checkpoint.human_bytes(free)} free); free some space '
+                       'and rerun the command to resume') from None
     finally:
       if lock:
         lock.release()
 
 
 def _train(config, workdir: str, task: Task, stop: preemption.StopRequest) -> dict:
-  logging.info('%s', task.name)
   mesh = sharding.make_mesh(config.mesh)
+  logging.info('%s', task.name)
+  logging.info('mesh: %s over %d %s device(s) in %d process(es); config: %s', ', '.join(
+      f'{a}={n}' for a, n in mesh.shape.items()), mesh.size, jax.default_backend(), jax.process_count(),
+               os.path.join(workdir, 'config.json'))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1) + '\n')
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config)):
     setup = sharded_steps(config, task.objective, task.tx, task.lr, mesh)
     evaluator = Evaluator(setup, mesh)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
-import sys
-import time
 
+from posjax import locks
 from posjax.errors import ConfigError
 
 LOCK_FILE = 'posjax.lock'
+# What a run writes in its workdir, and whether each is a directory.
+LAYOUT = {'checkpoints': True, 'tensorboard': True, 'metrics.jsonl': False, 'tokenizer.json': False,
+          'vocab.txt': False, 'spiece.model': False, 'config.json': False, 'results.json': False, 'predictions': True,
+          LOCK_FILE: False}
 
 
 def check(workdir: str) -> str:
@@ -32,52 +32,14 @@ def check(workdir: str) -> str:
     os.remove(probe)
   except OSError as e:
     raise ConfigError(f'--workdir {workdir!r} cannot be written ({e.strerror or e})') from None
+  for name, is_dir in LAYOUT.items():
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+      raise ConfigError(f'{path} is a {"file" if is_dir else "directory"}; the run writes a '
+                        f'{"directory" if is_dir else "file"} there: move it away')
   return workdir
 
 
-class Lock:
-  """An exclusive lock on WORKDIR/posjax.lock for as long as a run uses the workdir, so a second run on it
-  refuses at start naming the first. It is a kernel (flock) lock: a run that is killed releases it with its
-  last file descriptor, so a stale lock never blocks a restart."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
-    self._fd = None
-
-  def acquire(self) -> 'Lock':
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      os.close(fd)
-      if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-        raise ConfigError(f'cannot lock {self.path} ({e.strerror})') from None
-      raise ConfigError(f'workdir {os.path.dirname(self.path)!r} is in use by another run ({_holder(self.path)}); '
-                        'wait for it to end or use another workdir') from None
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({'pid': os.getpid(), 'host': os.uname().nodename, 'started': time.time(),
-                             'command': ' '.join(sys.argv)}).encode())
-    self._fd = fd
-    return self
-
-  def release(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)  # closing the descriptor releases the flock
-      self._fd = None
-
-  def __enter__(self):
-    return self.acquire()
-
-  def __exit__(self, *exc):
-    self.release()
-    return False
-
-
-def _holder(path: str) -> str:
-  try:
-    with open(path) as f:
-      info = json.load(f)
-    started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['started']))
-    return f'pid {info["pid"]} on {info["host"]} since {started}: {info["command"]}'
-  except (OSError, ValueError, KeyError, TypeError):
-    return 'its details are unreadable'
+def lock(workdir: str) -> locks.Lock:
+  """The lock a run holds on its workdir (a second run refuses at start, naming the first)."""
+  return locks.Lock(os.path.join(workdir, LOCK_FILE), f'workdir {workdir!r}').acquire()
