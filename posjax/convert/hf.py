@@ -129,6 +129,29 @@ def import_checkpoint(directory: str, table: list[Entry], template, state=None, 
   return params
 
 
+# config.json's fields that every BERT-family model (BERT, ALBERT, ELECTRA, ConvBERT) has, and the ModelConfig
+# field each one is.
+SHARED_FIELDS = {
+    'vocab_size': 'vocab_size', 'hidden_size': 'hidden_size', 'num_hidden_layers': 'num_layers',
+    'num_attention_heads': 'num_heads', 'intermediate_size': 'intermediate_size',
+    'max_position_embeddings': 'max_position_embeddings', 'type_vocab_size': 'type_vocab_size',
+    'hidden_dropout_prob': 'hidden_dropout', 'attention_probs_dropout_prob': 'attention_dropout',
+    'layer_norm_eps': 'layer_norm_eps', 'hidden_act': 'hidden_act', 'initializer_range': 'initializer_range',
+}
+
+
+def shared_from_hf(hfc: dict) -> dict[str, Any]:
+  """The ModelConfig fields a config.json's shared fields give (a missing one is a KeyError, which the
+  loaders turn into an error naming it)."""
+  return {ours: hfc[theirs] for theirs, ours in SHARED_FIELDS.items()} | {'pad_token_id': hfc.get('pad_token_id') or 0}
+
+
+def shared_to_hf(cfg) -> dict[str, Any]:
+  """config.json's shared fields of a ModelConfig (embeddings tied to the output layer, as posjax's are)."""
+  return {theirs: getattr(cfg, ours) for theirs, ours in SHARED_FIELDS.items()} | {
+      'pad_token_id': cfg.pad_token_id, 'tie_word_embeddings': True}
+
+
 def read_config(directory: str) -> dict:
   path = os.path.join(directory, 'config.json')
   if not os.path.isdir(directory):

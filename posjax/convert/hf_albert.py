@@ -30,13 +30,7 @@ def config_from_hf(hfc: dict) -> ModelConfig:
   if pet != 'absolute':
     options = (('max_relative_position', hfc['max_position_embeddings']), ('relative_scaled', False))
   return ModelConfig(
-      vocab_size=hfc['vocab_size'], hidden_size=hfc['hidden_size'], num_layers=hfc['num_hidden_layers'],
-      num_heads=hfc['num_attention_heads'], intermediate_size=hfc['intermediate_size'],
-      max_position_embeddings=hfc['max_position_embeddings'], type_vocab_size=hfc['type_vocab_size'],
-      hidden_dropout=hfc['hidden_dropout_prob'], attention_dropout=hfc['attention_probs_dropout_prob'],
-      layer_norm_eps=hfc['layer_norm_eps'], hidden_act=hfc['hidden_act'],
-      initializer_range=hfc['initializer_range'], attention=pet, attention_options=options,
-      pad_token_id=hfc.get('pad_token_id') or 0, embedding_size=hfc['embedding_size'],
+      **hf.shared_from_hf(hfc), attention=pet, attention_options=options, embedding_size=hfc['embedding_size'],
       layer_groups=hfc['num_hidden_groups'], inner_group_size=hfc['inner_group_num'], sentence_head=True)
 
 
@@ -51,18 +45,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   max_positions = cfg.max_position_embeddings
   if cfg.attention != 'absolute':
     max_positions = cfg.option('max_relative_position')
-  return {
-      'architectures': ['AlbertForPreTraining'], 'model_type': 'albert', 'vocab_size': cfg.vocab_size,
-      'embedding_size': cfg.embedding_size, 'hidden_size': cfg.hidden_size,
-      'num_hidden_layers': cfg.num_layers, 'num_hidden_groups': cfg.layer_groups,
-      'inner_group_num': cfg.inner_group_size, 'num_attention_heads': cfg.num_heads,
-      'intermediate_size': cfg.intermediate_size, 'max_position_embeddings': max_positions,
-      'type_vocab_size': cfg.type_vocab_size, 'hidden_dropout_prob': cfg.hidden_dropout,
-      'attention_probs_dropout_prob': cfg.attention_dropout, 'classifier_dropout_prob': cfg.hidden_dropout,
-      'layer_norm_eps': cfg.layer_norm_eps, 'hidden_act': cfg.hidden_act,
-      'initializer_range': cfg.initializer_range, 'position_embedding_type': cfg.attention,
-      'pad_token_id': cfg.pad_token_id, 'tie_word_embeddings': True,
-  }
+  return {**hf.shared_to_hf(cfg), 'architectures': ['AlbertForPreTraining'], 'model_type': 'albert',
+          'embedding_size': cfg.embedding_size, 'num_hidden_groups': cfg.layer_groups,
+          'inner_group_num': cfg.inner_group_size, 'max_position_embeddings': max_positions,
+          'classifier_dropout_prob': cfg.hidden_dropout, 'position_embedding_type': cfg.attention}
 
 
 def entries(cfg: ModelConfig, heads: bool = True) -> list[Entry]:

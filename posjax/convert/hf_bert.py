@@ -31,14 +31,9 @@ def config_from_hf(hfc: dict) -> ModelConfig:
   if pet not in _POSITION_TYPES:
     raise ConfigError(f'position_embedding_type {pet!r} is not one of {", ".join(_POSITION_TYPES)}')
   return ModelConfig(
-      vocab_size=hfc['vocab_size'], hidden_size=hfc['hidden_size'], num_layers=hfc['num_hidden_layers'],
-      num_heads=hfc['num_attention_heads'], intermediate_size=hfc['intermediate_size'],
-      max_position_embeddings=hfc['max_position_embeddings'], type_vocab_size=hfc['type_vocab_size'],
-      hidden_dropout=hfc['hidden_dropout_prob'], attention_dropout=hfc['attention_probs_dropout_prob'],
-      layer_norm_eps=hfc['layer_norm_eps'], hidden_act=hfc['hidden_act'],
-      initializer_range=hfc['initializer_range'], attention=_POSITION_TYPES[pet],
+      **hf.shared_from_hf(hfc), attention=_POSITION_TYPES[pet],
       attention_options=(('max_relative_position', hfc['max_position_embeddings']),) if pet != 'absolute'
-      else (), pad_token_id=hfc.get('pad_token_id') or 0)
+      else ())
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -53,16 +48,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                         'equivalent; only relative_scaled=True is exportable')
     # HF sizes the distance table from max_position_embeddings (2M-1 rows).
     max_positions = cfg.option('max_relative_position')
-  return {
-      'architectures': ['BertForMaskedLM'], 'model_type': 'bert', 'vocab_size': cfg.vocab_size,
-      'hidden_size': cfg.hidden_size, 'num_hidden_layers': cfg.num_layers,
-      'num_attention_heads': cfg.num_heads, 'intermediate_size': cfg.intermediate_size,
-      'max_position_embeddings': max_positions, 'type_vocab_size': cfg.type_vocab_size,
-      'hidden_dropout_prob': cfg.hidden_dropout, 'attention_probs_dropout_prob': cfg.attention_dropout,
-      'layer_norm_eps': cfg.layer_norm_eps, 'hidden_act': cfg.hidden_act,
-      'initializer_range': cfg.initializer_range, 'position_embedding_type': pet,
-      'pad_token_id': cfg.pad_token_id, 'tie_word_embeddings': True,
-  }
+  return {**hf.shared_to_hf(cfg), 'architectures': ['BertForMaskedLM'], 'model_type': 'bert',
+          'max_position_embeddings': max_positions, 'position_embedding_type': pet}
 
 
 def embedding_entries(cfg: ModelConfig, prefix: str) -> list[Entry]:

@@ -40,13 +40,8 @@ def config_from_hf(hfc: dict, heads: str) -> ModelConfig:
     attention = 'absolute+convbert'
   e = hfc['embedding_size']
   return ModelConfig(
-      vocab_size=hfc['vocab_size'], hidden_size=hfc['hidden_size'], num_layers=hfc['num_hidden_layers'],
-      num_heads=num_heads, intermediate_size=hfc['intermediate_size'],
-      max_position_embeddings=hfc['max_position_embeddings'], type_vocab_size=hfc['type_vocab_size'],
-      hidden_dropout=hfc['hidden_dropout_prob'], attention_dropout=hfc['attention_probs_dropout_prob'],
-      layer_norm_eps=hfc['layer_norm_eps'], hidden_act=hfc['hidden_act'],
-      initializer_range=hfc['initializer_range'], attention=attention,
-      attention_options=tuple(sorted(options.items())), pad_token_id=hfc.get('pad_token_id') or 0,
+      **{**hf.shared_from_hf(hfc), 'num_heads': num_heads}, attention=attention,
+      attention_options=tuple(sorted(options.items())),
       embedding_size=e if e != hfc['hidden_size'] else 0, ffn_groups=hfc.get('num_groups', 1),
       pooler=False, mlm_head=heads == 'generator', mlm_head_act='gelu' if heads == 'generator' else '',
       discriminator_head=heads == 'discriminator')
@@ -117,16 +112,8 @@ def import_electra(directory: str, seed: int = 0):
 
 def config_to_hf(cfg: ModelConfig) -> dict:
   kind = _kind(cfg)
-  d = {
-      'model_type': kind, 'vocab_size': cfg.vocab_size, 'embedding_size': cfg.embed_dim,
-      'hidden_size': cfg.hidden_size, 'num_hidden_layers': cfg.num_layers,
-      'num_attention_heads': cfg.num_heads, 'intermediate_size': cfg.intermediate_size,
-      'max_position_embeddings': cfg.max_position_embeddings, 'type_vocab_size': cfg.type_vocab_size,
-      'hidden_dropout_prob': cfg.hidden_dropout, 'attention_probs_dropout_prob': cfg.attention_dropout,
-      'layer_norm_eps': cfg.layer_norm_eps, 'hidden_act': cfg.hidden_act,
-      'initializer_range': cfg.initializer_range, 'position_embedding_type': 'absolute',
-      'pad_token_id': cfg.pad_token_id, 'tie_word_embeddings': True,
-  }
+  d = {**hf.shared_to_hf(cfg), 'model_type': kind, 'embedding_size': cfg.embed_dim,
+       'position_embedding_type': 'absolute'}
   if cfg.mlm_head and (cfg.mlm_head_act or cfg.hidden_act) != 'gelu':
     raise ConfigError('HF ELECTRA/ConvBERT generator heads use gelu; model.mlm_head_act must be gelu to export')
   if kind == 'convbert':
