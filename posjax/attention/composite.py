@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posjax import layers
-from posjax.attention import registry
+from posjax.attention import offsets, registry
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -46,8 +46,15 @@ def window_index(length: int, k: int) -> np.ndarray:
   return np.clip(pos[None, :] - pos[:, None], -k, k) + k
 
 
+def convfixed_offsets(cfg: ModelConfig, params, length: int, heads: int):
+  """table_HxR[h, d + L - 1] = w[h, clip(d, -k, k) + k], d = j - i, from `kernel` (H, 2k+1)."""
+  del heads
+  k = kernel_radius(cfg)
+  return jnp.asarray(params['kernel'], jnp.float32)[:, np.clip(offsets.distances(length), -k, k) + k]
+
+
 class ConvFixed(nn.Module):
-  """Returns bias_1xHxLxL with bias[0, h, i, j] = w[h, clip(j - i) + k]."""
+  """Returns the offset table_HxR of w[h, clip(d) + k] (see `convfixed_offsets`)."""
   config: ModelConfig
 
   @nn.compact
@@ -58,7 +65,7 @@ class ConvFixed(nn.Module):
     l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
     w_HxR = self.param('kernel', layers.init(cfg.initializer_range, ('heads', 'kernel')), (h, 2 * k + 1),
                        cfg.param_dtype)
-    return jnp.asarray(w_HxR, cfg.dtype)[:, window_index(l, k)][None]
+    return convfixed_offsets(cfg, {'kernel': w_HxR}, l, h)
 
 
 class ConvDynamic(nn.Module):
@@ -92,7 +99,8 @@ _DYNAMIC = dict(params='(2k+1)*Dh (2k+1 = composite_kernel_size)', cost='O(B H L
 
 registry.register(registry.Component(
     'convfixed', 'score', ConvFixed, paper=_PAPER + ', fixed lightweight convolution',
-    params='(2k+1)*H (2k+1 = composite_kernel_size)', cost='O(H L^2)', options=_OPTIONS))
+    params='(2k+1)*H (2k+1 = composite_kernel_size)', cost='O(H L^2)', options=_OPTIONS,
+    offsets=convfixed_offsets))
 registry.register(registry.Component(
     'convq', 'score', lambda cfg, name=None: ConvDynamic(cfg, from_keys=False, name=name),
     paper=_PAPER + ', query-based dynamic lightweight convolution', **_DYNAMIC))

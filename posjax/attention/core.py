@@ -10,6 +10,8 @@
 
 Module interfaces of the pluggable pieces (all receive `mask_BxL`, True at real tokens):
 - score:  term(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic) -> logits_[B|1]xHxLxL, added after scaling;
+          a content-free term (its component has `offsets`) returns its table_HxR over offsets j - i instead,
+          and the tables are summed and spread over the logits;
 - qkv:    t(q, k, v, mask_BxL) -> (q, k, v);
 - heads:  h(x_BxLxD, q_BxLxHxDh, mask_BxL, deterministic) -> ctx_BxLxH'xDh;
 - output: o(v_BxLxHxDh, mask_BxL) -> BxLxHxDh added to the attention context.
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from posjax import layers
-from posjax.attention import registry
+from posjax.attention import offsets, registry
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -75,10 +77,16 @@ class MultiHeadAttention(nn.Module):
       q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh = c.build(cfg, name=c.name)(
           q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask_BxL)
 
-    bias = None
+    table_HxR, bias = None, None
     for c in plan.score:
       term = c.build(cfg, name=c.name)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic)
-      bias = term if bias is None else bias + term
+      if c.offsets is not None:
+        table_HxR = term if table_HxR is None else table_HxR + term
+      else:
+        bias = term if bias is None else bias + term
+    if table_HxR is not None:
+      spread = offsets.spread(table_HxR, x_BxLxD.shape[1]).astype(cfg.dtype)
+      bias = spread if bias is None else bias + spread
 
     if bias is not None and bias.shape[0] == 1 and x_BxLxD.shape[0] > 1:
       bias = layers.broadcast_batch(bias, x_BxLxD.shape[0])
