@@ -11,6 +11,7 @@ the fused kernel (`posjax.attention.flash`); `posjax.analysis` reads learned ker
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -20,6 +21,6 @@ def distances(length: int) -> np.ndarray:
 
 
 def spread(table_HxR, length: int):
-  """bias_1xHxLxL with bias[0, h, i, j] = table[h, j - i + L - 1] (a gather by a constant index)."""
-  pos = np.arange(length)
+  """bias_1xHxLxL with bias[0, h, i, j] = table[h, j - i + L - 1]."""
+  pos = jnp.arange(length)  # an iota under jit, not an LxL constant in the program
   return table_HxR[:, pos[None, :] - pos[:, None] + length - 1][None]
