@@ -245,8 +245,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_step, eval_step = setup.train_step, setup.eval_step
 
     mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-    # Compute dtype and remat policy leave the parameters as they are: a run may resume with others.
-    model_meta = {**{k: v for k, v in mcfg.to_dict().items() if k not in ('dtype', 'remat_policy')},
+    # Compute dtype, remat policy and attention implementation leave the parameters as they are: a run may
+    # resume with others.
+    model_meta = {**{k: v for k, v in mcfg.to_dict().items()
+                     if k not in ('dtype', 'remat_policy', 'attention_impl')},
                   'objective': config.objective}
     train_iter = pipeline.iterator(data.train, config.data.worker_count)
     state, _ = checkpoint.restore_latest(
