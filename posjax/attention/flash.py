@@ -5,8 +5,9 @@ Pallas interpret mode on the CPU) that takes every content-free score term as on
 
 `table_HxR` is the sum of the variant's offset tables (`posjax.attention.offsets`, R = 2L-1, d = j - i), so
 what enters the kernel is O(H L); no [B|1]xHxLxL bias exists in the forward or the backward pass. The
-backward pass returns the table's gradient, a per-diagonal sum of the logits' gradient, accumulated tile by
-tile in a BxHx(2L) buffer.
+backward pass recomputes each tile's probabilities from the forward pass's row maxima and sums (BxHxL each)
+and returns the table's gradient, a per-diagonal sum of the logits' gradient, accumulated tile by tile in a
+BxHx(2L) buffer.
 
 How a tile finds its terms. The table is laid out in rows of 128 lanes (one TPU vector register wide): row n
 holds offsets d = 128 (n - n0) + x, lanes x = 0..127, n0 = Lp / 128 (Lp: the length padded to the block).
@@ -47,7 +48,7 @@ _SQ = pl.Squeezed()
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """Static shape of one call: query/key block sizes (multiples of 128), the padded length and head width."""
+  """Static shape of one call: query/key block sizes (multiples of 128) and the padded length."""
   q: int
   k: int
   length: int  # Lp, a multiple of both blocks
