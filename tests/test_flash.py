@@ -47,15 +47,15 @@ def inputs(b, l, h, dh, seed=0, dtype=jnp.float32):
   return q, k, v, table, jnp.asarray(mask)
 
 
-def both_ways(q, k, v, table, mask, w, **blocks):
+def both_ways(q, k, v, table, mask, w, interpret=True, **blocks):
   """(outputs, gradients w.r.t. q, k, v, table) of the kernel and of the XLA path, for loss sum(out * w)."""
   scale = q.shape[-1] ** -0.5
   args = (q, k, v) if table is None else (q, k, v, table)
   argnums = tuple(range(len(args)))
 
   def kernel(*a):
-    return flash.attention(*a[:3], a[3] if table is not None else None, mask, scale=scale, interpret=True,
-                           **blocks)
+    return flash.attention(*a[:3], a[3] if table is not None else None, mask, scale=scale,
+                           interpret=interpret, **blocks)
 
   def xla(*a):
     return xla_attention(*a[:3], a[3] if table is not None else None, mask, scale)
@@ -320,3 +320,20 @@ def test_bfloat16_within_the_stated_bound():
     bound = 0.03 * float(np.abs(g).max())
     np.testing.assert_allclose(np.asarray(gk, np.float32), g, atol=bound, rtol=0)
     np.testing.assert_allclose(np.asarray(gx, np.float32), g, atol=bound, rtol=0)
+
+
+@pytest.mark.parametrize('dtype, tol', [(jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)])
+def test_compiled_kernel_on_a_tpu(dtype, tol):
+  """The Mosaic kernel itself, not its interpret mode, against the XLA path on the same TPU; runs only where
+  JAX's backend is a TPU (`JAX_PLATFORMS=tpu python -m pytest tests/test_flash.py -k on_a_tpu`). Both paths'
+  float32 matmuls at full precision; the bound is relative to each quantity's largest magnitude."""
+  if jax.default_backend() != 'tpu':
+    pytest.skip('needs a TPU backend (JAX_PLATFORMS=tpu)')
+  shape = (2, 1000, 4, 64)
+  q, k, v, table, mask = inputs(*shape, seed=7, dtype=dtype)
+  w = jnp.asarray(np.random.default_rng(8).normal(size=shape), jnp.float32)
+  with jax.default_matmul_precision('highest'):
+    (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, interpret=False)
+  for name, a, b in zip(('out', 'q', 'k', 'v', 'table'), (o1, *g1), (o2, *g2)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, atol=tol * np.abs(b).max(), rtol=0, err_msg=name)
