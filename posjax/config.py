@@ -14,6 +14,11 @@ ACTIVATIONS = ('gelu', 'gelu_new', 'relu', 'silu')
 # Rematerialisation of the encoder layers in the backward pass (jax.checkpoint policies; `none`: keep every
 # activation, `full`: keep only each layer's input).
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')
+# How softmax(q.k + position terms) . v is computed (posjax.attention.flash.choose): 'xla' hands a dense
+# [B|1]xHxLxL position bias to jax.nn.dot_product_attention; 'pallas' runs the fused kernel, which builds the
+# terms per tile from O(H L) tables (interpret mode on the CPU); 'auto' takes the kernel on a TPU when the
+# variant and the call allow it, else 'xla'.
+ATTENTION_IMPLS = ('auto', 'xla', 'pallas')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,9 @@ class ModelConfig:
   # recomputes layer activations in the backward pass.
   scan_layers: bool = False
   remat_policy: str = 'none'
+  # 'xla' (default), 'pallas' or 'auto' (the kernel on TPU where the variant allows it); changes no parameter.
+  # The Pallas kernel has been compiled for TPU and checked in interpret mode, not yet run on a TPU.
+  attention_impl: str = 'xla'
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
@@ -89,6 +97,8 @@ class ModelConfig:
       raise ConfigError(f'model.mlm_head_act {self.mlm_head_act!r} is not one of {", ".join(ACTIVATIONS)}')
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f'model.remat_policy {self.remat_policy!r} is not one of {", ".join(REMAT_POLICIES)}')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f'model.attention_impl {self.attention_impl!r} is not one of {", ".join(ATTENTION_IMPLS)}')
     if self.hidden_act not in ACTIVATIONS:
       raise ConfigError(f'model.hidden_act {self.hidden_act!r} is not one of {", ".join(ACTIVATIONS)}')
     # Validate the variant string and option names now, before any tracing, so a typo fails in one line.
@@ -111,6 +121,12 @@ class ModelConfig:
     if not 0 <= self.pad_token_id < self.vocab_size:
       raise ConfigError(f'model.pad_token_id must be in [0, model.vocab_size={self.vocab_size}); got '
                         f'{self.pad_token_id!r}')
+    if self.attention_impl == 'pallas':
+      from posjax.attention import flash  # pylint: disable=g-import-not-at-top
+      why = flash.unsupported(self)
+      if why:
+        raise ConfigError(f"model.attention_impl='pallas' cannot compute attention {self.attention!r} with "
+                          f"{'; '.join(why)}; use 'auto' (the kernel where it can) or 'xla'")
 
   @property
   def head_dim(self) -> int:

@@ -1,6 +1,6 @@
 """posjax.analysis: the translation-invariance measure against an independent least-squares Toeplitz fit,
-kernels against the parameters they were given and the modules' own logits, positional attention and
-attention maps against transformers' BERT."""
+kernels against the parameters they were given and NumPy transcriptions of each term's formula, positional
+attention and attention maps against transformers' BERT."""
 
 import dataclasses
 
@@ -12,10 +12,8 @@ from scipy.linalg import toeplitz
 from posjax import analysis
 from posjax.analysis import __main__ as cli
 from posjax.analysis import positional
-from posjax.attention.alibi import ALiBi
-from posjax.attention.composite import ConvDynamic, ConvFixed
-from posjax.attention.t5 import T5Bias
-from posjax.attention.tisa import Tisa
+from posjax.attention.composite import ConvDynamic
+from posjax.attention.t5 import relative_position_bucket
 from posjax.config import ModelConfig
 
 
@@ -71,7 +69,27 @@ def micro(attention, **kw):
                      max_position_embeddings=24, attention=attention, **kw)
 
 
-def test_kernels_return_the_parameters_given_and_the_modules_logits():
+# NumPy transcriptions (float64) of each content-free term's kernel over offsets d = j - i, written from the
+# formulas in the modules' docstrings (the oracles for the components' `offsets` functions).
+def np_tisa(p, d_R):
+  a, b, c = (np.asarray(p[k], np.float64)[..., None] for k in ('amplitude', 'sharpness', 'offset'))
+  return (a * np.exp(-np.abs(b) * (-d_R - c) ** 2)).sum(axis=0)  # f evaluated at i - j = -d
+
+
+def np_convfixed(p, d_R, k):
+  return np.asarray(p['kernel'], np.float64)[:, np.clip(d_R, -k, k) + k]
+
+
+def np_t5(p, d_R, num_buckets, max_distance):  # buckets checked against transformers in test_relative.py
+  return np.asarray(p['relative_attention_bias'], np.float64)[
+      relative_position_bucket(d_R, num_buckets, max_distance)].T
+
+
+def np_alibi(slopes, d_R):
+  return -np.asarray(slopes, np.float64)[:, None] * np.abs(d_R)[None, :]
+
+
+def test_kernels_return_the_parameters_given_and_the_terms_formulas():
   cfg = micro('tisa+convfixed+t5+alibi', attention_options=(
       ('tisa_kernels', 3), ('composite_kernel_size', 5), ('t5_num_buckets', 8), ('t5_max_distance', 12)))
   # Only what the kernels read (a whole model's other parameters play no part).
@@ -87,26 +105,28 @@ def test_kernels_return_the_parameters_given_and_the_modules_logits():
     given.append(mine)
   n = 10
   ks = analysis.kernels(cfg, params, n)
-  q = jnp.zeros((1, n, 2, 8))
-  mask = jnp.ones((1, n), bool)
-  idx = np.arange(n)[None, :] - np.arange(n)[:, None] + n - 1  # [i, j] -> offset j - i
+  d_R = np.arange(-(n - 1), n)
   for li, mine in enumerate(given):
     k = ks[li]
     assert sorted(k) == ['alibi', 'convfixed', 't5', 'tisa']
     for name in ('tisa', 'convfixed', 't5'):
+      np.testing.assert_array_equal(k[name].offsets_R, d_R)
       for pname, value in mine[name].items():
         np.testing.assert_array_equal(k[name].params[pname], value)
+    assert k['alibi'].params == {}
     np.testing.assert_array_equal(k['convfixed'].values_HxR[:, n - 1 - 2:n + 2], mine['convfixed']['kernel'])
-    np.testing.assert_allclose(k['alibi'].params['slopes'], [2.0 ** -4, 2.0 ** -8])
     # TISA by hand at one head and offset: f(i - j) = f(-d).
     a, b, c = (mine['tisa'][x][:, 1].astype(np.float64) for x in ('amplitude', 'sharpness', 'offset'))
     d = 3
-    assert k['tisa'].values_HxR[1, d + n - 1] == pytest.approx(np.sum(a * np.exp(-np.abs(b) * (-d - c) ** 2)))
-    # Spread over i, j, each kernel is exactly the logit term its module adds.
-    for name, module in (('tisa', Tisa), ('convfixed', ConvFixed), ('t5', T5Bias), ('alibi', ALiBi)):
-      bias = module(cfg).apply({'params': mine.get(name, {})}, q, q, mask)[0]
-      np.testing.assert_allclose(k[name].values_HxR[:, idx], bias, atol=1e-6, err_msg=name)
+    assert k['tisa'].values_HxR[1, d + n - 1] == pytest.approx(np.sum(a * np.exp(-np.abs(b) * (-d - c) ** 2)),
+                                                               rel=1e-5)
+    oracles = {'tisa': np_tisa(mine['tisa'], d_R), 'convfixed': np_convfixed(mine['convfixed'], d_R, 2),
+               't5': np_t5(mine['t5'], d_R, 8, 12), 'alibi': np_alibi([2.0 ** -4, 2.0 ** -8], d_R)}
+    for name, want in oracles.items():
+      np.testing.assert_allclose(k[name].values_HxR, want, atol=1e-6, rtol=1e-6, err_msg=name)
     pa = analysis.positional_attention(cfg, params, n)[li]
+    idx = np.arange(n)[None, :] - np.arange(n)[:, None] + n - 1  # [i, j] -> column of offset j - i
+    np.testing.assert_allclose(pa, sum(oracles.values())[:, idx], atol=1e-5)
     assert analysis.translation_invariance(pa) == pytest.approx([1.0, 1.0])
 
 

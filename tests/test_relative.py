@@ -18,7 +18,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 import posjax  # noqa: E402
-from posjax.attention import MultiHeadAttention, registry  # noqa: E402
+from posjax.attention import MultiHeadAttention, offsets, registry  # noqa: E402
 from posjax.attention.absolute import sinusoid_table  # noqa: E402
 from posjax.convert import hf_bert  # noqa: E402
 from posjax.errors import ConfigError  # noqa: E402
@@ -170,7 +170,9 @@ def test_t5_bias_matches_transformers(l, num_buckets, max_distance):
   with torch.no_grad():
     hf.relative_attention_bias.weight.copy_(torch.tensor(table))
     theirs = hf.compute_bias(l, l).numpy()
-  ours = np.asarray(module.apply({'params': params}, q, q, jnp.ones((1, l), bool)))
+  table = module.apply({'params': params}, q, q, jnp.ones((1, l), bool))
+  assert table.shape == (4, 2 * l - 1)  # over offsets j - i; the core spreads it (or the kernel uses it)
+  ours = np.asarray(offsets.spread(table, l))
   assert ours.shape == theirs.shape == (1, 4, l, l)
   np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
 
@@ -197,7 +199,7 @@ def test_alibi_bias_matches_paper(heads):
   cfg = config('alibi')
   module = component(cfg, 'alibi')
   assert not jax.eval_shape(module.init, jax.random.PRNGKey(0), q, q, jnp.ones((1, l), bool)).get('params')
-  ours = np.asarray(module.apply({}, q, q, jnp.ones((1, l), bool)))
+  ours = np.asarray(offsets.spread(module.apply({}, q, q, jnp.ones((1, l), bool)), l))
   pos = np.arange(l)
   theirs = -np.asarray(paper_slopes(heads))[None, :, None, None] * np.abs(pos[:, None] - pos[None, :])
   np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import posjax
-from posjax.attention import registry
+from posjax.attention import offsets, registry
 from posjax.errors import ConfigError
 
 H, D = 4, 32
@@ -51,10 +51,11 @@ def np_f(p, d):
 
 
 def tisa_bias(params, length, kernels=3):
-  """posjax's term alone, bias_1xHxLxL, through the registry's build."""
+  """posjax's term alone, bias_1xHxLxL, through the registry's build: its offset table spread over LxL."""
   module = registry.get('tisa').build(config(kernels=kernels), name='tisa')
   q = jnp.zeros((1, length, H, DH))
-  return np.asarray(jax.jit(lambda p: module.apply({'params': p}, q, q, jnp.ones((1, length), bool)))(params))
+  table = jax.jit(lambda p: module.apply({'params': p}, q, q, jnp.ones((1, length), bool)))(params)
+  return np.asarray(offsets.spread(table, length))
 
 
 def test_bias_matches_formula_over_the_grid_of_distances():

@@ -10,10 +10,11 @@ what the variant adds to the attention logit of query i and key j = i + d before
 - `absolute` / `sinusoidal` (the effective kernel): the diagonal means of the embeddings' positional
   attention (P W_q)(P W_k)^T / sqrt(Dh) (see `invariance`).
 
-Content-dependent terms (`relative_key*`, `convq`, `convk`) and RoPE have no content-free kernel and are not
-reported as kernels; `relative_tables` gives the `convq`/`convk` tables by offset instead (in their documented
-orientation: `convk` reads row clip(i - j) + k). The kernels are computed here in NumPy from the parameters,
-not by running the modules, so the tests can hold one against the other.
+The content-free score terms' kernels are their components' own offset tables (`registry.Component.offsets`,
+the functions the model runs), evaluated on the checkpoint's parameters. Content-dependent terms
+(`relative_key*`, `convq`, `convk`) and RoPE have no content-free kernel and are not reported as kernels;
+`relative_tables` gives the `convq`/`convk` tables by offset instead (in their documented orientation: `convk`
+reads row clip(i - j) + k).
 """
 
 from __future__ import annotations
@@ -25,13 +26,10 @@ import numpy as np
 
 from posjax.analysis import invariance
 from posjax.attention import registry
+from posjax.attention import offsets
 from posjax.attention.absolute import sinusoid_table
-from posjax.attention.alibi import alibi_slopes
 from posjax.attention.composite import kernel_radius, offset_taps
-from posjax.attention.t5 import relative_position_bucket
 from posjax.config import ModelConfig
-
-KERNEL_VARIANTS = ('tisa', 'convfixed', 't5', 'alibi')  # score terms with a content-free kernel
 
 
 def backbone(params) -> dict:
@@ -88,42 +86,12 @@ def embedding_positional_attention(cfg: ModelConfig, params, n: int) -> list[np.
 
 @dataclasses.dataclass
 class Kernel:
-  """One variant's kernel in one layer: values_HxR at offsets_R (d = j - i) and the parameters it came from."""
+  """One variant's kernel in one layer: values_HxR at offsets_R (d = j - i) and the parameters it came from
+  (float64; empty for the embeddings' effective kernel and for ALiBi, which has none)."""
   variant: str
   offsets_R: np.ndarray
   values_HxR: np.ndarray
   params: dict
-
-
-def _tisa(cfg, p, d_R, h):
-  del cfg, h
-  a_SxH, b_SxH, c_SxH = (np.asarray(p[k], np.float64) for k in ('amplitude', 'sharpness', 'offset'))
-  x_R = -d_R.astype(np.float64)  # f is evaluated at i - j = -d
-  vals = a_SxH[..., None] * np.exp(-np.abs(b_SxH)[..., None] * (x_R - c_SxH[..., None]) ** 2)
-  return vals.sum(axis=0), {'amplitude': a_SxH, 'sharpness': b_SxH, 'offset': c_SxH}
-
-
-def _convfixed(cfg, p, d_R, h):
-  del h
-  k = kernel_radius(cfg)
-  w_HxW = np.asarray(p['kernel'], np.float64)
-  return w_HxW[:, np.clip(d_R, -k, k) + k], {'kernel': w_HxW}
-
-
-def _t5(cfg, p, d_R, h):
-  del h
-  table_NxH = np.asarray(p['relative_attention_bias'], np.float64)
-  buckets_R = relative_position_bucket(d_R, cfg.option('t5_num_buckets'), cfg.option('t5_max_distance'))
-  return table_NxH[buckets_R].T, {'relative_attention_bias': table_NxH, 'buckets': buckets_R}
-
-
-def _alibi(cfg, p, d_R, h):
-  del cfg, p
-  m_H = alibi_slopes(h).astype(np.float64)
-  return -m_H[:, None] * np.abs(d_R)[None, :], {'slopes': m_H}
-
-
-_KERNELS = {'tisa': _tisa, 'convfixed': _convfixed, 't5': _t5, 'alibi': _alibi}
 
 
 @dataclasses.dataclass
@@ -156,14 +124,14 @@ def dot_product_heads(cfg: ModelConfig) -> int:
 def attention_kernels(cfg: ModelConfig, attention_params, n: int) -> dict[str, Kernel]:
   """{variant: Kernel} of the content-free score terms of one `MultiHeadAttention`'s parameters (e.g. a
   posjax attention module inside your own model), at offsets -(n-1)..n-1."""
-  d_R = np.arange(-(n - 1), n)
   h = dot_product_heads(cfg)
   attention_params = nn.unbox(attention_params)  # straight from `init`: drop the logical-axis boxes
   out = {}
   for c in registry.parse(cfg.attention).score:
-    if c.name in _KERNELS:
-      vals, raw = _KERNELS[c.name](cfg, attention_params.get(c.name, {}), d_R, h)
-      out[c.name] = Kernel(c.name, d_R, vals, raw)
+    if c.offsets is not None:
+      p = {k: np.asarray(v, np.float64) for k, v in attention_params.get(c.name, {}).items()}
+      vals = np.asarray(c.offsets(cfg, p, n, h), np.float64)
+      out[c.name] = Kernel(c.name, offsets.distances(n), vals, p)
   return out
 
 
@@ -177,9 +145,8 @@ def kernels(cfg: ModelConfig, params, n: int) -> list[dict[str, Kernel]]:
   for li, name in enumerate(layer_names(cfg)):
     layer = attention_kernels(cfg, enc[name]['attention'], n)
     if emb is not None:
-      d_R = np.arange(-(n - 1), n)
       layer[plan.position_embedding.name] = Kernel(
-          plan.position_embedding.name, d_R, invariance.diagonal_means(emb[li]), {})
+          plan.position_embedding.name, offsets.distances(n), invariance.diagonal_means(emb[li]), {})
     out.append(layer)
   return out
 
@@ -196,7 +163,7 @@ def positional_attention(cfg: ModelConfig, params, n: int) -> list[np.ndarray]:
   for li in range(len(layer_names(cfg))):
     total = np.zeros((h, n, n)) if emb is None else emb[li].copy()
     for name, k in ks[li].items():
-      if name in _KERNELS:
+      if registry.get(name).role == 'score':
         total += k.values_HxR[:, idx]
     out.append(total)
   return out

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from posjax.attention import registry
+from posjax.attention import offsets, registry
 from posjax.config import ModelConfig
 
 
@@ -28,20 +28,22 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
   return np.asarray(slopes, np.float32)
 
 
+def alibi_offsets(cfg: ModelConfig, params, length: int, heads: int):
+  """table_HxR[h, d + L - 1] = -m_h |d|, d = j - i (no parameters)."""
+  del cfg, params
+  return -jnp.asarray(alibi_slopes(heads))[:, None] * jnp.abs(jnp.asarray(offsets.distances(length), jnp.float32))
+
+
 class ALiBi(nn.Module):
-  """Returns bias_1xHxLxL = -m_h |i - j|."""
+  """Returns the offset table_HxR of -m_h |d|."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic=True):
     del k_BxLxHxDh, mask_BxL, deterministic
-    l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
-    pos = jnp.arange(l)
-    # Built by XLA from iotas rather than embedded as an HxLxL constant in the program.
-    dist_LxL = jnp.abs(pos[:, None] - pos[None, :]).astype(jnp.float32)
-    bias_HxLxL = -jnp.asarray(alibi_slopes(h))[:, None, None] * dist_LxL
-    return bias_HxLxL.astype(self.config.dtype)[None]
+    return alibi_offsets(self.config, {}, q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2])
 
 
 registry.register(registry.Component(
-    'alibi', 'score', ALiBi, paper='Press et al. 2022 (ALiBi)', params='0', cost='O(H L^2)'))
+    'alibi', 'score', ALiBi, paper='Press et al. 2022 (ALiBi)', params='0', cost='O(H L^2)',
+    offsets=alibi_offsets))

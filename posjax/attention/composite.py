@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posjax import layers
-from posjax.attention import registry
+from posjax.attention import offsets, registry
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -46,20 +46,21 @@ def kernel_radius(cfg: ModelConfig) -> int:
   return (width - 1) // 2
 
 
-def window_index(length: int, k: int) -> np.ndarray:
-  """idx_LxL[i, j] = clip(j - i, -k, k) + k, the tap of key j for query i (a constant: L is static)."""
-  pos = np.arange(length)
-  return np.clip(pos[None, :] - pos[:, None], -k, k) + k
-
-
 def offset_taps(d, k: int, from_keys: bool = False):
   """The row of a `convq`/`convk` table read at offset d = j - i (key minus query position): clip(d, -k, k) + k
   for `convq`, clip(-d, -k, k) + k for `convk`, whose taps the authors index by i - j."""
   return np.clip(-d if from_keys else d, -k, k) + k
 
 
+def convfixed_offsets(cfg: ModelConfig, params, length: int, heads: int):
+  """table_HxR[h, d + L - 1] = w[h, clip(d, -k, k) + k], d = j - i, from `kernel` (H, 2k+1)."""
+  del heads
+  k = kernel_radius(cfg)
+  return jnp.asarray(params['kernel'], jnp.float32)[:, np.clip(offsets.distances(length), -k, k) + k]
+
+
 class ConvFixed(nn.Module):
-  """Returns bias_1xHxLxL with bias[0, h, i, j] = w[h, clip(j - i) + k]."""
+  """Returns the offset table_HxR of w[h, clip(d) + k] (see `convfixed_offsets`)."""
   config: ModelConfig
 
   @nn.compact
@@ -69,7 +70,7 @@ class ConvFixed(nn.Module):
     k = kernel_radius(cfg)
     l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
     w_HxR = self.param('kernel', layers.zeros(('heads', 'kernel')), (h, 2 * k + 1), cfg.param_dtype)
-    return jnp.asarray(w_HxR, cfg.dtype)[:, window_index(l, k)][None]
+    return convfixed_offsets(cfg, {'kernel': w_HxR}, l, h)
 
 
 class ConvDynamic(nn.Module):
@@ -103,7 +104,8 @@ _DYNAMIC = dict(params='(2k+1)*Dh (2k+1 = composite_kernel_size)', cost='O(B H L
 
 registry.register(registry.Component(
     'convfixed', 'score', ConvFixed, paper=_PAPER + ', fixed lightweight convolution',
-    params='(2k+1)*H (2k+1 = composite_kernel_size)', cost='O(H L^2)', options=_OPTIONS))
+    params='(2k+1)*H (2k+1 = composite_kernel_size)', cost='O(H L^2)', options=_OPTIONS,
+    offsets=convfixed_offsets))
 registry.register(registry.Component(
     'convq', 'score', lambda cfg, name=None: ConvDynamic(cfg, from_keys=False, name=name),
     paper=_PAPER + ', query-based dynamic lightweight convolution', **_DYNAMIC))

@@ -13,6 +13,9 @@ Module interfaces of the pluggable pieces (`mask_BxL` is True at real tokens):
 - projection: p(x_BxLxD, heads) -> {'q'|'k'|'v': y_BxLxHcxDh}, the first Hc of the `heads` dot-product heads
           of those targets, from x zeroed at padding (the linear projections see the same x);
 - score:  term(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic) -> logits_[B|1]xHxLxL, added after scaling;
+          a content-free term (its component has `offsets`) returns its table_HxR over offsets j - i instead:
+          the tables are summed, then spread over the logits (XLA) or computed per tile by the fused kernel
+          (`flash`, chosen by `model.attention_impl`);
 - qkv:    t(q, k, v, mask_BxL) -> (q, k, v);
 - heads:  h(x_BxLxD, q_BxLxHxDh, mask_BxL, deterministic) -> ctx_BxLxH'xDh;
 - output: o(v_BxLxHxDh, mask_BxL) -> BxLxHxDh added to the attention context.
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from posjax import layers
-from posjax.attention import registry
+from posjax.attention import flash, offsets, registry
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -95,20 +98,30 @@ class MultiHeadAttention(nn.Module):
       q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh = c.build(cfg, name=c.name)(
           q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask_BxL)
 
-    bias = None
+    table_HxR, bias = None, None
     for c in plan.score:
       term = c.build(cfg, name=c.name)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic)
-      bias = term if bias is None else bias + term
+      if c.offsets is not None:
+        table_HxR = term if table_HxR is None else table_HxR + term
+      else:
+        bias = term if bias is None else bias + term
 
-    if bias is not None and bias.shape[0] == 1 and x_BxLxD.shape[0] > 1:
-      bias = layers.broadcast_batch(bias, x_BxLxD.shape[0])
     use_qk = bool(cfg.option('use_qk', True))
     scale = 1.0 / float(dh) ** 0.5
     need_dropout = cfg.attention_dropout > 0.0 and not deterministic
-    # posjax.analysis asks for the probabilities by making `intermediates` mutable; the fused kernel never
-    # forms them, so that (analysis-only) call takes the explicit path.
+    # posjax.analysis asks for the probabilities by making `intermediates` mutable; no fused kernel forms
+    # them, so that (analysis-only) call takes the explicit path.
     record = self.is_mutable_collection('intermediates')
-    if use_qk and not need_dropout and not record:
+    fused = flash.choose(cfg, dropout=need_dropout, record=record)
+    if table_HxR is not None and not fused:
+      spread = offsets.spread(table_HxR, x_BxLxD.shape[1]).astype(cfg.dtype)
+      bias = spread if bias is None else bias + spread
+    if bias is not None and bias.shape[0] == 1 and x_BxLxD.shape[0] > 1:
+      bias = layers.broadcast_batch(bias, x_BxLxD.shape[0])
+    if fused:
+      ctx_BxLxHxDh = flash.sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, scale=scale,
+                                   interpret=flash.target_platform() == 'cpu')
+    elif use_qk and not need_dropout and not record:
       # XLA's (or cuDNN's / a TPU) fused kernel; HF-style key masking via `mask`.
       ctx_BxLxHxDh = jax.nn.dot_product_attention(
           q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh,

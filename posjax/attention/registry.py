@@ -7,7 +7,8 @@ in the shared attention computation (see `core.py`):
   named the model has no absolute positions at all, as the relative and TISA papers intend);
 - `projection`: computes the first heads of some of q, k, v from the hidden states in place of their linear
   projection (convolutional q/k/v; at most one per variant);
-- `score`: an additive term of the attention logits, shape [B or 1, H, Lq, Lk];
+- `score`: an additive term of the attention logits, shape [B or 1, H, Lq, Lk], or, for a content-free term
+  (one with `offsets`), its table over key-minus-query offsets (see `posjax.attention.offsets`);
 - `qkv`: a transform of queries/keys/values before the dot product (RoPE);
 - `heads`: extra heads computed in parallel and concatenated before the output projection (ConvBERT);
 - `output`: a term added to the attention output (Chang et al.'s depthwise convolution of values).
@@ -43,6 +44,11 @@ class Component:
   # For `heads` components: (model config) -> how many of the model's heads this branch computes; the
   # dot-product attention keeps the rest.
   takes_heads: Callable[..., int] | None = None
+  # For content-free `score` components: (model config, the component's parameters by name, L, H) ->
+  # table_HxR, the term at the R = 2L-1 offsets d = j - i (key minus query) = -(L-1)..L-1, float32. The
+  # module returns this table of its own parameters; the core spreads it over the logits or passes it to the
+  # fused kernel, and posjax.analysis calls it on a checkpoint's parameters.
+  offsets: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, Component] = {}

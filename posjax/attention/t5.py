@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posjax import layers
-from posjax.attention import registry
+from posjax.attention import offsets, registry
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -39,8 +39,17 @@ def relative_position_bucket(relative_position, num_buckets: int, max_distance: 
   return bucket + np.where(rp < max_exact, rp, large)
 
 
+def t5_offsets(cfg: ModelConfig, params, length: int, heads: int):
+  """table_HxR[h, d + L - 1] = b[bucket(d), h], d = j - i, from `relative_attention_bias` (num_buckets, H)."""
+  del heads
+  # The buckets of the 2L-1 offsets are a small constant (L is static).
+  buckets_R = relative_position_bucket(offsets.distances(length), cfg.option('t5_num_buckets'),
+                                       cfg.option('t5_max_distance'))
+  return jnp.asarray(params['relative_attention_bias'], jnp.float32)[buckets_R].T
+
+
 class T5Bias(nn.Module):
-  """Returns bias_1xHxLxL from the table `relative_attention_bias` of shape (num_buckets, H)."""
+  """Returns the offset table_HxR of the table `relative_attention_bias` of shape (num_buckets, H)."""
   config: ModelConfig
 
   @nn.compact
@@ -55,14 +64,9 @@ class T5Bias(nn.Module):
     l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
     table_NxH = self.param('relative_attention_bias', layers.init(cfg.initializer_range, ('pos', 'heads')),
                            (nb, h), cfg.param_dtype)
-    # Buckets of the 2L-1 distances j - i = -(L-1)..L-1 are a small constant (L is static); the LxL index
-    # is left to XLA.
-    buckets_R = jnp.asarray(relative_position_bucket(np.arange(-(l - 1), l), nb, md), jnp.int32)
-    pos = jnp.arange(l)
-    bias_LxLxH = jnp.asarray(table_NxH, cfg.dtype)[buckets_R[pos[None, :] - pos[:, None] + l - 1]]
-    return jnp.transpose(bias_LxLxH, (2, 0, 1))[None]
+    return t5_offsets(cfg, {'relative_attention_bias': table_NxH}, l, h)
 
 
 registry.register(registry.Component(
     't5', 'score', T5Bias, paper='Raffel et al. 2020 (T5)', params='N*H (N = t5_num_buckets)',
-    cost='O(H L^2)', options=(('t5_num_buckets', 32), ('t5_max_distance', 128))))
+    cost='O(H L^2)', options=(('t5_num_buckets', 32), ('t5_max_distance', 128)), offsets=t5_offsets))

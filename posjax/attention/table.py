@@ -16,7 +16,9 @@ def markdown() -> str:
   for name in registry.names():
     c = registry.get(name)
     opts = ', '.join(f'`{k}={v!r}`' for k, v in c.options) or '-'
-    rows.append(f'| `{name}` | {c.role.replace("_", " ")} | {c.paper} | {c.params} | {c.cost} | {opts} |')
+    # A term with an offset table never builds its LxL bias in the fused kernel (model.attention_impl).
+    cost = c.cost + ('; fused kernel: O(H L) memory' if c.offsets else '')
+    rows.append(f'| `{name}` | {c.role.replace("_", " ")} | {c.paper} | {c.params} | {cost} | {opts} |')
   return '\n'.join([BEGIN, *rows, END])
 
 

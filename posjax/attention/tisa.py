@@ -6,7 +6,8 @@ Self-Attention in Transformer-Based Language Models", ACL), meant to be used wit
 S = `tisa_kernels` radial basis functions per head with amplitude a, sharpness b and offset c: 3*S*H
 parameters per layer, stored (S, H) like the official code (github.com/ulmewennberg/tisa, model/tisa.py).
 That code evaluates its Toeplitz matrix at d = i - j - 1 (its index shift), which is this f with every
-offset c moved by one; here f is evaluated at i - j as the paper writes it.
+offset c moved by one; here f is evaluated at i - j as the paper writes it. As an offset table (over the key
+minus query offsets d = j - i, see `offsets`) the term is f_h(-d).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from posjax.attention import registry
+from posjax.attention import offsets, registry
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -33,8 +33,17 @@ def _normal(mean: float, stddev: float, names):
 _INIT = {'offset': (0.0, 5.0), 'amplitude': (0.1, 0.01), 'sharpness': (0.1, 0.01)}
 
 
+def tisa_offsets(cfg: ModelConfig, params, length: int, heads: int):
+  """table_HxR[h, d + L - 1] = f_h(i - j) = f_h(-d), d = j - i, from the (S, H) parameters."""
+  del cfg, heads
+  a_SxH, b_SxH, c_SxH = (jnp.asarray(params[n], jnp.float32)[..., None]
+                         for n in ('amplitude', 'sharpness', 'offset'))
+  x_R = -jnp.asarray(offsets.distances(length), jnp.float32)  # i - j
+  return jnp.sum(a_SxH * jnp.exp(-jnp.abs(b_SxH) * (x_R - c_SxH) ** 2), axis=0)
+
+
 class Tisa(nn.Module):
-  """Returns bias_1xHxLxL with bias[0, h, i, j] = f_h(i - j)."""
+  """Returns the offset table_HxR of f_h(i - j) (see `tisa_offsets`)."""
   config: ModelConfig
 
   @nn.compact
@@ -46,18 +55,11 @@ class Tisa(nn.Module):
       raise ConfigError(f'tisa_kernels must be a positive integer (radial basis functions per head, 5 in the '
                         f'paper); got {s!r}')
     l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
-    a_SxH, b_SxH, c_SxH = (
-        jnp.asarray(self.param(name, _normal(*_INIT[name], ('kernel', 'heads')), (s, h), cfg.param_dtype),
-                    jnp.float32)
-        for name in ('amplitude', 'sharpness', 'offset'))
-    # f only at the 2L-1 distances d = i - j = -(L-1)..L-1, then spread over LxL by a constant gather.
-    d_R = jnp.arange(-(l - 1), l, dtype=jnp.float32)
-    f_HxR = jnp.sum(a_SxH[..., None] * jnp.exp(-jnp.abs(b_SxH[..., None]) * (d_R - c_SxH[..., None]) ** 2),
-                    axis=0)
-    pos = np.arange(l)
-    return f_HxR[:, pos[:, None] - pos[None, :] + l - 1][None].astype(cfg.dtype)
+    params = {name: self.param(name, _normal(*_INIT[name], ('kernel', 'heads')), (s, h), cfg.param_dtype)
+              for name in ('amplitude', 'sharpness', 'offset')}
+    return tisa_offsets(cfg, params, l, h)
 
 
 registry.register(registry.Component(
     'tisa', 'score', Tisa, paper='Wennberg & Henter 2021 (TISA)', params='3*S*H (S = tisa_kernels)',
-    cost='O(S H L) + O(H L^2)', options=(('tisa_kernels', 5),)))
+    cost='O(S H L) + O(H L^2)', options=(('tisa_kernels', 5),), offsets=tisa_offsets))

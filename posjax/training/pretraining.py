@@ -91,8 +91,9 @@ def make_task(config, workdir: str) -> trainer.Task:
   specials = data.specials
   objective = objectives.make(config, mcfg, config.data.seq_len, data.max_predictions,
                               forbidden_ids=(specials.pad, specials.cls, specials.sep))
-  # Compute dtype and remat policy leave the parameters as they are: a run may resume with others.
-  model = {**{k: v for k, v in mcfg.to_dict().items() if k not in ('dtype', 'remat_policy')},
+  # Compute dtype, remat policy and attention implementation leave the parameters as they are: a run may resume
+  # with others.
+  model = {**{k: v for k, v in mcfg.to_dict().items() if k not in ('dtype', 'remat_policy', 'attention_impl')},
            'objective': config.objective}
 
   def evaluate(evaluator, params):

@@ -1,0 +1,456 @@
+"""Fused attention with the position terms computed per tile: a Pallas flash-attention kernel (TPU Mosaic;
+Pallas interpret mode on the CPU) that takes every content-free score term as one table over offsets.
+
+    ctx = softmax(scale q.k + table[h, j - i], padded keys masked) . v        float32 softmax statistics
+
+`table_HxR` is the sum of the variant's offset tables (`posjax.attention.offsets`, R = 2L-1, d = j - i), so
+what enters the kernel is O(H L); no [B|1]xHxLxL bias exists in the forward or the backward pass. The
+backward pass recomputes each tile's probabilities from the forward pass's row maxima and sums (BxHxL each)
+and returns the table's gradient, a per-diagonal sum of the logits' gradient, accumulated tile by tile in a
+BxHx(2L) buffer.
+
+How a tile finds its terms. The table is laid out in rows of 128 lanes (one TPU vector register wide): row n
+holds offsets d = 128 (n - n0) + x, lanes x = 0..127, n0 = Lp / 128 (Lp: the length padded to the block).
+A 128 x 128 sub-tile whose first key is 128 D positions after its first query sees d = 128 D + (c - r) at
+query row r, key column c: lane (c - r) of row n0 + D where c >= r, lane (c - r + 128) of row n0 + D - 1
+elsewhere. So each sub-tile needs two table rows and one lane gather by (c - r) mod 128 per row; its
+gradient is the reverse, a gather by (x + r) mod 128 then a sum over rows. Both gathers stay inside one
+128-lane register, which is what Mosaic lowers (`jnp.take_along_axis` -> `tpu.dynamic_gather`); a strided
+`pltpu.roll` only rotates by non-negative row strides, enough for the forward but not the gradient.
+
+Masking follows jax.nn.dot_product_attention: a masked key's logit is -0.7 * float32 max (a row with every
+key masked attends uniformly, as in the XLA path) and its gradient is zero; the keys added to pad L up to
+the block get -inf, so they never count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+
+from posjax.errors import ConfigError
+
+LANES = 128
+MASKED = float(-0.7 * np.finfo(np.float32).max)  # jax.nn.dot_product_attention's logit of a masked key
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_SQ = pl.Squeezed()
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Static shape of one call: query/key block sizes (multiples of 128) and the padded length."""
+  q: int
+  k: int
+  length: int  # Lp, a multiple of both blocks
+
+  @property
+  def n0(self) -> int:
+    return self.length // LANES
+
+  @property
+  def rows(self) -> int:  # table rows: offsets -Lp .. Lp-1
+    return 2 * self.length // LANES
+
+
+def blocks(length: int, block_q: int | None = None, block_k: int | None = None) -> Blocks:
+  """Blocks for a sequence of `length`: by default the largest of 512, 256, 128 dividing the length rounded
+  up to 128 (few grid steps, little padding)."""
+  lp = -(-length // LANES) * LANES
+  default = next(b for b in (512, 256, LANES) if lp % b == 0)
+  bq, bk = block_q or default, block_k or default
+  if bq % LANES or bk % LANES:
+    raise ValueError(f'block sizes must be multiples of {LANES}; got {bq}, {bk}')
+  step = bq * bk // np.gcd(bq, bk)
+  return Blocks(bq, bk, -(-length // step) * step)
+
+
+def table_rows(table_HxR, length: int, b: Blocks):
+  """table_HxR over d = -(L-1)..L-1 -> tab_HxNx128 over d = -Lp..Lp-1 (zeros outside the sequence)."""
+  t = jnp.pad(table_HxR.astype(jnp.float32), ((0, 0), (b.length - (length - 1), b.length - length)))
+  return t.reshape(t.shape[0], b.rows, LANES)
+
+
+# --- pieces of the kernels ------------------------------------------------------------------------------
+
+def _iota(dim):
+  return jax.lax.broadcasted_iota(jnp.int32, (LANES, LANES), dim)
+
+
+def _take(x, idx):
+  return jnp.take_along_axis(x, idx, axis=1, mode='promise_in_bounds')
+
+
+def _row(tab_ref, n):
+  return jnp.broadcast_to(tab_ref[pl.ds(n, 1), :], (LANES, LANES))
+
+
+def _bias(tab_ref, d, b: Blocks):
+  """bias_QxK of the tile whose first key is 128 d positions after its first query."""
+  r, c = _iota(0), _iota(1)
+  idx, upper = (c - r) & (LANES - 1), c >= r
+  rows = []
+  for a in range(b.q // LANES):
+    cols = []
+    for kb in range(b.k // LANES):
+      n = b.n0 + d + kb - a
+      cols.append(jnp.where(upper, _take(_row(tab_ref, n), idx), _take(_row(tab_ref, n - 1), idx)))
+    rows.append(jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0])
+  return jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
+
+
+def _add_diagonal_sums(dtab_ref, ds_QxK, d, b: Blocks):
+  """dtab[offset] += the sum of ds over each diagonal of the tile (the transpose of `_bias`)."""
+  r, x = _iota(0), _iota(1)
+  idx, low = (x + r) & (LANES - 1), x + r < LANES
+  for a in range(b.q // LANES):
+    for kb in range(b.k // LANES):
+      g = _take(ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES], idx)
+      pos = jnp.sum(jnp.where(low, g, 0.0), axis=0, keepdims=True)
+      neg = jnp.sum(g, axis=0, keepdims=True) - pos
+      n = b.n0 + d + kb - a
+      dtab_ref[pl.ds(n, 1), :] += pos
+      dtab_ref[pl.ds(n - 1, 1), :] += neg
+
+
+def _lanes(x_Nx128, width):
+  """A per-row statistic kept in all 128 lanes, widened or cut to `width` lanes."""
+  if width <= LANES:
+    return x_Nx128[:, :width]
+  return jnp.tile(x_Nx128, (1, width // LANES))
+
+
+def _column(row_1xN):
+  """(1, N) -> (N, 128), each row's value in all lanes."""
+  return jnp.broadcast_to(row_1xN, (LANES, row_1xN.shape[1])).T
+
+
+def _logits(q, k, kbias_1xK, tab_ref, d, scale, b: Blocks):
+  s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+  if tab_ref is not None:
+    s = s + _bias(tab_ref, d, b)
+  return jnp.where(kbias_1xK == 0.0, s, kbias_1xK)
+
+
+def _tile_offset(i, j, b: Blocks):
+  """(first key - first query) / 128 of query block i and key block j."""
+  return j * (b.k // LANES) - i * (b.q // LANES)
+
+
+# --- kernels --------------------------------------------------------------------------------------------
+
+def _forward_kernel(*refs, scale, b: Blocks, has_table):
+  q_ref, k_ref, v_ref, kb_ref, *refs = refs
+  tab_ref = refs.pop(0) if has_table else None
+  o_ref, m_out, l_out, m_ref, l_ref, acc_ref = refs
+  i, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _():
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  s = _logits(q_ref[...], k_ref[...], kb_ref[...], tab_ref, _tile_offset(i, j, b), scale, b)
+  m_prev = m_ref[...]
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  p = jnp.exp(s - _lanes(m_next, b.k))
+  alpha = jnp.exp(m_prev - m_next)
+  l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+  m_ref[...] = m_next
+  v = v_ref[...]
+  dh = v.shape[-1]
+  acc_ref[...] = acc_ref[...] * _lanes(alpha, dh) + jax.lax.dot(
+      p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _():
+    l = l_ref[...]
+    o_ref[...] = (acc_ref[...] / _lanes(l, dh)).astype(o_ref.dtype)
+    # The maximum and the sum apart, not their logsumexp: in a row whose keys are all masked the maximum
+    # is -0.7 * float32 max, which would absorb log(sum) and leave the backward pass unnormalised weights.
+    m_out[...] = m_ref[...].T[:1, :]
+    l_out[...] = l.T[:1, :]
+
+
+def _probs_and_grad(q, k, v, do, kbias, m_ref, l_ref, di_ref, tab_ref, d, scale, b: Blocks):
+  """Recomputes p_QxK from the forward pass's row maxima and sums and returns it with ds_QxK, the gradient
+  of the logits (zero at masked keys)."""
+  s = _logits(q, k, kbias, tab_ref, d, scale, b)
+  p = jnp.exp(s - _lanes(_column(m_ref[...]), b.k)) * _lanes(1.0 / _column(l_ref[...]), b.k)
+  dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+  ds = jnp.where(kbias == 0.0, p * (dp - _lanes(_column(di_ref[...]), b.k)), 0.0)
+  return p, ds
+
+
+def _dq_kernel(*refs, scale, b: Blocks, has_table):
+  q_ref, k_ref, v_ref, kb_ref, *refs = refs
+  tab_ref = refs.pop(0) if has_table else None
+  m_ref, l_ref, di_ref, do_ref, dq_ref, acc_ref = refs
+  i, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  k = k_ref[...]
+  _, ds = _probs_and_grad(q_ref[...], k, v_ref[...], do_ref[...], kb_ref[...], m_ref, l_ref, di_ref, tab_ref,
+                          _tile_offset(i, j, b), scale, b)
+  acc_ref[...] += jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _():
+    dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, scale, b: Blocks, has_table):
+  q_ref, k_ref, v_ref, kb_ref, *refs = refs
+  tab_ref = refs.pop(0) if has_table else None
+  m_ref, l_ref, di_ref, do_ref, dk_ref, dv_ref, *refs = refs
+  dtab_ref = refs.pop(0) if has_table else None
+  dk_acc, dv_acc = refs
+  j, i = pl.program_id(2), pl.program_id(3)  # key block outer, query block inner
+
+  @pl.when(i == 0)
+  def _():
+    dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+    dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+  if has_table:
+    @pl.when((i == 0) & (j == 0))
+    def _():
+      dtab_ref[...] = jnp.zeros(dtab_ref.shape, jnp.float32)
+
+  q, do = q_ref[...], do_ref[...]
+  d = _tile_offset(i, j, b)
+  p, ds = _probs_and_grad(q, k_ref[...], v_ref[...], do, kb_ref[...], m_ref, l_ref, di_ref, tab_ref, d, scale,
+                          b)
+  dv_acc[...] += jax.lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+  dk_acc[...] += jax.lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+  if has_table:
+    _add_diagonal_sums(dtab_ref, ds, d, b)
+
+  @pl.when(i == pl.num_programs(3) - 1)
+  def _():
+    dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+# --- pallas_call wrappers -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  scale: float
+  blocks: Blocks
+  interpret: bool
+
+
+def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool):
+  """BlockSpecs of q, k, v, key bias (and table) for a grid (B, H, outer, inner)."""
+  def qk(f):  # index maps take (b, h, query block, key block) whatever the grid order
+    return (lambda b_, h, o, n: f(b_, h, n, o)) if key_outer else (lambda b_, h, o, n: f(b_, h, o, n))
+  specs = [pl.BlockSpec((_SQ, _SQ, b.q, dh), qk(lambda b_, h, i, j: (b_, h, i, 0))),
+           pl.BlockSpec((_SQ, _SQ, b.k, dh), qk(lambda b_, h, i, j: (b_, h, j, 0))),
+           pl.BlockSpec((_SQ, _SQ, b.k, dh), qk(lambda b_, h, i, j: (b_, h, j, 0))),
+           pl.BlockSpec((_SQ, 1, b.k), qk(lambda b_, h, i, j: (b_, 0, j)))]
+  if has_table:
+    specs.append(pl.BlockSpec((_SQ, nrows, LANES), lambda b_, h, o, n: (h, 0, 0)))
+  row = pl.BlockSpec((_SQ, _SQ, 1, b.q), qk(lambda b_, h, i, j: (b_, h, 0, i)))
+  q_rows = pl.BlockSpec((_SQ, _SQ, b.q, dh), qk(lambda b_, h, i, j: (b_, h, i, 0)))
+  return specs, row, q_rows
+
+
+def _cost(b: Blocks, shape, matmuls, itemsize, passes):
+  bsz, h, lp, dh = shape
+  tiles = bsz * h * lp * lp
+  return pl.CostEstimate(flops=2 * matmuls * tiles * dh, transcendentals=tiles,
+                         bytes_accessed=passes * bsz * h * lp * dh * itemsize * (lp // b.q + 2))
+
+
+def _params(semantics):
+  return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _forward(q, k, v, kbias, tab, st: _Static):
+  b, (bsz, h, lp, dh) = st.blocks, q.shape
+  has_table = tab is not None
+  specs, row, q_rows = _specs(b, dh, None if tab is None else tab.shape[1], has_table, key_outer=False)
+  kernel = functools.partial(_forward_kernel, scale=st.scale, b=b, has_table=has_table)
+  return pl.pallas_call(
+      kernel, grid=(bsz, h, lp // b.q, lp // b.k), in_specs=specs, out_specs=[q_rows, row, row],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + [jax.ShapeDtypeStruct((bsz, h, 1, lp), jnp.float32)] * 2,
+      scratch_shapes=[pltpu.VMEM((b.q, LANES), jnp.float32), pltpu.VMEM((b.q, LANES), jnp.float32),
+                      pltpu.VMEM((b.q, dh), jnp.float32)],
+      compiler_params=_params(('parallel', 'parallel', 'parallel', 'arbitrary')),
+      cost_estimate=_cost(b, q.shape, 2, q.dtype.itemsize, 2), interpret=st.interpret,
+  )(q, k, v, kbias, *([tab] if has_table else []))
+
+
+def _backward(q, k, v, kbias, tab, m, l, di, do, st: _Static):
+  b, (bsz, h, lp, dh) = st.blocks, q.shape
+  has_table = tab is not None
+  args = (q, k, v, kbias, *([tab] if has_table else []), m, l, di, do)
+  nrows = None if tab is None else tab.shape[1]
+
+  specs, row, q_rows = _specs(b, dh, nrows, has_table, key_outer=False)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, scale=st.scale, b=b, has_table=has_table),
+      grid=(bsz, h, lp // b.q, lp // b.k), in_specs=[*specs, row, row, row, q_rows], out_specs=q_rows,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), scratch_shapes=[pltpu.VMEM((b.q, dh), jnp.float32)],
+      compiler_params=_params(('parallel', 'parallel', 'parallel', 'arbitrary')),
+      cost_estimate=_cost(b, q.shape, 3, q.dtype.itemsize, 3), interpret=st.interpret,
+  )(*args)
+
+  specs, row, q_rows = _specs(b, dh, nrows, has_table, key_outer=True)
+  kv_rows = specs[1]
+  out_specs = [kv_rows, kv_rows]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  if has_table:  # one BxH buffer, resident while a (b, h) pair runs through all its tiles
+    out_specs.append(pl.BlockSpec((_SQ, _SQ, nrows, LANES), lambda b_, h_, o, n: (b_, h_, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((bsz, h, nrows, LANES), jnp.float32))
+  outs = pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=st.scale, b=b, has_table=has_table),
+      grid=(bsz, h, lp // b.k, lp // b.q), in_specs=[*specs, row, row, row, q_rows], out_specs=out_specs,
+      out_shape=out_shape, scratch_shapes=[pltpu.VMEM((b.k, dh), jnp.float32)] * 2,
+      # The table's gradient sums over every tile of a (b, h) pair, so only B and H run in parallel.
+      compiler_params=_params(('parallel', 'parallel', 'arbitrary', 'arbitrary')),
+      cost_estimate=_cost(b, q.shape, 4, q.dtype.itemsize, 4), interpret=st.interpret,
+  )(*args)
+  dk, dv = outs[0], outs[1]
+  dtab = jnp.sum(outs[2], axis=0) if has_table else None
+  return dq, dk, dv, dtab
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused(q, k, v, kbias, tab, st: _Static):
+  return _forward(q, k, v, kbias, tab, st)[0]
+
+
+def _fused_fwd(q, k, v, kbias, tab, st):
+  o, m, l = _forward(q, k, v, kbias, tab, st)
+  return o, (q, k, v, kbias, tab, o, m, l)
+
+
+def _fused_bwd(st, res, do):
+  q, k, v, kbias, tab, o, m, l = res
+  di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, :, None, :]
+  dq, dk, dv, dtab = _backward(q, k, v, kbias, tab, m, l, di, do, st)
+  return dq, dk, dv, None, dtab
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float,
+              interpret: bool = False, block_q: int | None = None, block_k: int | None = None):
+  """ctx_BxLxHxDh = softmax(scale q.k + table[h, j - i], keys where mask_BxL is False masked) . v on this
+  device's shard (see `sharded` for a mesh). `table_HxR` (d = j - i = -(L-1)..L-1) may be None."""
+  bsz, length, h, dh = q_BxLxHxDh.shape
+  b = blocks(length, block_q, block_k)
+  pad = b.length - length
+
+  def heads_first(x):
+    return jnp.pad(jnp.transpose(x, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+  kbias = jnp.where(mask_BxL, 0.0, MASKED).astype(jnp.float32)
+  kbias = jnp.pad(kbias, ((0, 0), (0, pad)), constant_values=-jnp.inf)[:, None, :]
+  tab = None if table_HxR is None else table_rows(table_HxR, length, b)
+  o = _fused(heads_first(q_BxLxHxDh), heads_first(k_BxLxHxDh), heads_first(v_BxLxHxDh), kbias, tab,
+             _Static(float(scale), b, bool(interpret)))
+  return jnp.transpose(o[:, :, :length], (0, 2, 1, 3))
+
+
+# --- where the kernel runs ------------------------------------------------------------------------------
+
+def unsupported(cfg, *, dropout: bool = True) -> list[str]:
+  """Why the kernel cannot compute this model's attention (empty: it can); `dropout`: in a call that applies
+  the model's attention dropout (a training step)."""
+  from posjax.attention import registry  # pylint: disable=g-import-not-at-top  (registry imports config)
+  plan = registry.parse(cfg.attention)
+  out = []
+  content = [c.name for c in plan.score if c.offsets is None]
+  if content:
+    out.append(f'the content-dependent score term(s) {", ".join(content)} (the kernel takes terms of the '
+               'offset j - i only: ' + ', '.join(n for n in registry.names() if registry.get(n).offsets) + ')')
+  if not cfg.option('use_qk', True):
+    out.append('use_qk=False')
+  if dropout and cfg.attention_dropout > 0.0:
+    out.append(f'attention dropout (model.attention_dropout={cfg.attention_dropout}) on the probabilities, '
+               'which the kernel never forms')
+  return out
+
+
+def target_platform() -> str:
+  """The platform of the devices the computation is for: the current mesh's (a TPU topology compiled from a
+  CPU host counts as 'tpu'), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
+_LOGGED = set()
+
+
+def choose(cfg, *, dropout: bool, record: bool) -> bool:
+  """Whether this attention call runs the fused kernel, per `model.attention_impl` (logged once per case).
+
+  'auto': on a TPU, when the variant has only offset terms and the call applies no dropout to the
+  probabilities and records none (posjax.analysis asks for them); 'pallas': always but for recording calls
+  (config validation has refused the rest); 'xla': never."""
+  platform = target_platform()
+  if cfg.attention_impl == 'pallas' and platform not in ('tpu', 'cpu'):
+    raise ConfigError(f"model.attention_impl='pallas' has a TPU kernel (and its interpret mode on the CPU) "
+                      f"but none for {platform}; use 'auto' or 'xla'")
+  why = unsupported(cfg, dropout=dropout)
+  if record:
+    why.append('the recording of the attention probabilities (posjax.analysis)')
+  if cfg.attention_impl == 'xla':
+    use, why = False, ["model.attention_impl='xla'"]
+  elif cfg.attention_impl == 'pallas':
+    use = not record
+  else:
+    use = platform == 'tpu' and not why
+    if platform != 'tpu':
+      why.insert(0, f'the {platform} backend')
+  key = (cfg.attention, cfg.attention_impl, platform, use, tuple(why))
+  if key not in _LOGGED:
+    _LOGGED.add(key)
+    if use:
+      logging.info('attention %r: the fused Pallas kernel on %s%s', cfg.attention, platform,
+                   ' (interpret mode)' if platform == 'cpu' else '')
+    else:
+      logging.info('attention %r: XLA with a dense position bias, because of %s', cfg.attention,
+                   '; '.join(why))
+  return use
+
+
+def sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float, interpret: bool):
+  """`attention` under the current mesh: a Mosaic kernel is not partitioned by XLA, so it runs in a
+  shard_map over the mesh axes the logical axis rules give the batch and the heads (data, FSDP and tensor
+  parallelism); the table's gradient is summed over the batch shards by shard_map's transpose."""
+  fn = functools.partial(attention, scale=scale, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL)
+  def split(name, size):  # the mesh axes of a logical axis, or none where they do not divide it (an init
+    axes = nn.logical_to_mesh_axes((name,))[0]  # traces one row under the trainer's mesh)
+    n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    return axes if size % n == 0 else None
+  batch, heads = split('batch', q_BxLxHxDh.shape[0]), split('heads', q_BxLxHxDh.shape[2])
+  x = P(batch, None, heads, None)
+  args, specs = (q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask_BxL), (x, x, x, P(batch, None))
+  if table_HxR is not None:
+    args, specs = args + (table_HxR,), specs + (P(heads, None),)
+
+  def local(q, k, v, m, *table):
+    return fn(q, k, v, table[0] if table else None, m)
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=x, check_vma=False)(*args)

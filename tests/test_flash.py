@@ -1,0 +1,339 @@
+"""The fused Pallas kernel (posjax.attention.flash), run in interpret mode on the CPU, against posjax's XLA
+path: jax.nn.dot_product_attention with the offset tables spread into a dense bias. Outputs and gradients
+(q, k, v, the table and every position parameter) agree within 1e-5 in float32; the whole-model and train-step
+tests switch only `model.attention_impl`. Interpret mode is slow, so the default cases are tiny and the
+sweep over every single term, block shape and bf16 runs with `-m slow`."""
+
+import dataclasses
+import logging as std_logging
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import logging
+
+import posjax
+from posjax.attention import flash, offsets, registry
+from posjax.errors import ConfigError
+from posjax.data import pipeline, pretrain
+from posjax.training import loop, steps
+
+from helpers import micro_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOL = 1e-5
+
+
+def xla_attention(q, k, v, table, mask, scale):
+  """posjax's XLA path for the same inputs: the table spread over LxL, masked keys by `mask`."""
+  bias = None if table is None else offsets.spread(table, q.shape[1]).astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[:, None, None, :], scale=scale)
+
+
+def inputs(b, l, h, dh, seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, l, h, dh)), dtype) for _ in range(3))
+  table = jnp.asarray(rng.normal(size=(h, 2 * l - 1)), jnp.float32)
+  mask = np.ones((b, l), bool)
+  mask[1, l // 2 + 3:] = False  # a padded row
+  mask[0, 5] = False  # a masked key inside a row
+  if b > 2:
+    mask[2] = False  # a row of padding only: every key masked, attends uniformly as in the XLA path
+  return q, k, v, table, jnp.asarray(mask)
+
+
+def both_ways(q, k, v, table, mask, w, interpret=True, **blocks):
+  """(outputs, gradients w.r.t. q, k, v, table) of the kernel and of the XLA path, for loss sum(out * w)."""
+  scale = q.shape[-1] ** -0.5
+  args = (q, k, v) if table is None else (q, k, v, table)
+  argnums = tuple(range(len(args)))
+
+  def kernel(*a):
+    return flash.attention(*a[:3], a[3] if table is not None else None, mask, scale=scale,
+                           interpret=interpret, **blocks)
+
+  def xla(*a):
+    return xla_attention(*a[:3], a[3] if table is not None else None, mask, scale)
+
+  out = []
+  for f in (kernel, xla):
+    def loss(*a, f=f):
+      o = f(*a)
+      return jnp.sum(o.astype(jnp.float32) * w), o
+    (_, o), g = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))(*args)
+    out.append((o, g))
+  return out
+
+
+# L=300 padded to 512: 2 query blocks of 256 and 4 key blocks of 128, the last of them padding only; a
+# variant without offset terms.
+@pytest.mark.parametrize('shape, blocks, with_table', [
+    ((3, 300, 2, 8), dict(block_q=256, block_k=128), True),
+    ((2, 77, 2, 8), {}, False),
+])
+def test_kernel_matches_xla_outputs_and_gradients(shape, blocks, with_table):
+  q, k, v, table, mask = inputs(*shape)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+  (o1, g1), (o2, g2) = both_ways(q, k, v, table if with_table else None, mask, w, **blocks)
+  np.testing.assert_allclose(o1, o2, atol=TOL, rtol=0)
+  for name, a, b in zip(('q', 'k', 'v', 'table'), g1, g2):
+    np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=name)
+
+
+def test_blocks_pad_to_a_common_multiple():
+  assert flash.blocks(300, 128, 128) == flash.Blocks(128, 128, 384)
+  assert flash.blocks(200, 256, 128) == flash.Blocks(256, 128, 256)
+  assert flash.blocks(8192) == flash.Blocks(512, 512, 8192)
+  assert flash.blocks(640) == flash.Blocks(128, 128, 640)  # 640 = 5 x 128: no padding to 1024
+  with pytest.raises(ValueError, match='multiples of 128'):
+    flash.blocks(300, 100, 128)
+
+
+def tiny(variant, **kw):
+  return posjax.ModelConfig(**{**dict(vocab_size=50, hidden_size=32, num_layers=1, num_heads=2,
+                                      intermediate_size=48, max_position_embeddings=64, hidden_dropout=0.0,
+                                      attention_dropout=0.0), 'attention': variant, **kw})
+
+
+def random_params(init, *args):
+  """N(0, 0.2^2) for every parameter (LayerNorm scales about 1), so every position table matters. Shapes from
+  eval_shape, values from NumPy (compiling flax's initialisers costs seconds)."""
+  shapes = nn.unbox(jax.eval_shape(init, jax.random.PRNGKey(0), *args)['params'])
+  rng = np.random.default_rng(0)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: (float('scale' in jax.tree_util.keystr(path)) + 0.2 * rng.standard_normal(s.shape))
+      .astype(np.float32), shapes)
+
+
+def layer_outputs_and_grads(cfg, params, x, mask):
+  """One attention layer (projections, terms, output projection): y and the gradients of sum(y * w) with
+  respect to every parameter and the input."""
+  layer = posjax.attention.MultiHeadAttention(cfg)
+  w = np.random.default_rng(1).standard_normal(x.shape) / np.sqrt(x.size)
+
+  def loss(p, x):
+    y = layer.apply({'params': p}, x, mask)
+    return jnp.sum(y.astype(jnp.float32) * w), y
+  return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+
+
+def check_layer(variant, options=(), l=20):
+  """((loss, y), gradients) of the XLA path and of the kernel, for a batch with a padded row and a
+  padding-only row."""
+  cfg = tiny(variant, attention_options=options)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((3, l, cfg.hidden_size)).astype(np.float32)
+  mask = np.ones((3, l), bool)
+  mask[1, l // 2 + 1:] = False
+  mask[2] = False
+  params = random_params(posjax.attention.MultiHeadAttention(cfg).init, x, mask)
+  return [layer_outputs_and_grads(dataclasses.replace(cfg, attention_impl=impl), params, x, mask)
+          for impl in ('xla', 'pallas')]
+
+
+def assert_same(got, want, tol=TOL):
+  (l_p, y_p), g_p = got
+  (l_x, y_x), g_x = want
+  np.testing.assert_allclose(l_p, l_x, atol=tol, rtol=0)
+  np.testing.assert_allclose(y_p, y_x, atol=tol, rtol=0)
+  flat_x = dict(jax.tree_util.tree_leaves_with_path(g_x))
+  for path, g in jax.tree_util.tree_leaves_with_path(g_p):
+    np.testing.assert_allclose(g, flat_x[path], atol=tol, rtol=0, err_msg=jax.tree_util.keystr(path))
+  return g_p
+
+
+OPTIONS = (('composite_kernel_size', 5), ('t5_max_distance', 12), ('t5_num_buckets', 8), ('tisa_kernels', 2))
+
+
+# Two offset terms summed (the train-step test has the other two); every single term and more mixes run with
+# `-m slow`.
+@pytest.mark.parametrize('variant', [
+    't5+convfixed', *[pytest.param(v, marks=pytest.mark.slow) for v in (
+        'tisa', 't5', 'alibi', 'convfixed', 'tisa+alibi', 'tisa+t5+alibi+convfixed', 'rope+alibi',
+        'absolute+convfixed+convvalues', 'none+convbert+tisa', 'absolute')]])
+def test_layer_with_kernel_matches_xla(variant):
+  xla, kernel = check_layer(variant, OPTIONS)
+  g_params, _ = assert_same(kernel, xla)
+  for term in variant.split('+'):  # each term's own parameters get a gradient
+    if registry.get(term).offsets and term in g_params:
+      assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(g_params[term])), term
+
+
+def test_train_step_with_kernel_matches_xla():
+  """A whole BERT MLM step (dropout off): the loss and every gradient, the kernel against the XLA path."""
+  c = micro_config('tiny,tisa+alibi')
+  c.data.seq_len, c.batch_size = 24, 4
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 100, size=(4, 24)).astype(np.int32)
+  ids[1, 15:] = 0
+  ids[:, 0] = 2
+  batch = pipeline.MLMBatches({'ids': ids}, 4, pretrain.Specials(0, 2, 3, 4, 1), 100, seed=0).batch(0)
+  results, params = {}, None
+  for impl in ('xla', 'pallas'):
+    c.model.attention_impl = impl
+    objective = steps.make_objective(c, loop.model_config(c, 100))
+    params = params or random_params(lambda r: {'params': objective.init(r, 24, batch['positions'].shape[1])})
+    fn = jax.jit(lambda p, b: steps.gradients(objective, p, b, jax.random.PRNGKey(0)))
+    results[impl] = fn(params, batch)
+  (l_x, _), g_x = results['xla']
+  (l_p, _), g_p = results['pallas']
+  np.testing.assert_allclose(l_p, l_x, atol=TOL, rtol=0)
+  flat_x = dict(jax.tree_util.tree_leaves_with_path(g_x))
+  assert len(flat_x) > 20
+  for path, g in jax.tree_util.tree_leaves_with_path(g_p):
+    np.testing.assert_allclose(g, flat_x[path], atol=TOL, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_no_length_by_length_tensor_with_the_kernel():
+  """The forward and backward pass of a TISA+ALiBi model hold nothing of size H x L x L outside the kernel
+  (whose tiles are 128 x 128 < L x L here); with the XLA path they do."""
+  l = 300
+  ids = jnp.ones((1, l), jnp.int32)
+
+  def largest(impl):
+    cfg = dataclasses.replace(tiny('tisa+alibi'), max_position_embeddings=512, attention_impl=impl)
+    model = posjax.Bert(cfg)
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids)['params']))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, ids)['hidden_BxLxD'])))(params)
+    sizes = []
+
+    def walk(jx):
+      for eqn in jx.eqns:
+        if eqn.primitive.name == 'pallas_call':
+          continue
+        sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, 'shape'))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          walk(sub)
+    walk(jaxpr.jaxpr)
+    return max(sizes)
+  assert largest('xla') >= 2 * l * l
+  assert largest('pallas') < l * l
+
+
+def test_auto_picks_the_kernel_on_tpu_only_when_the_call_allows(monkeypatch, caplog):
+  monkeypatch.setattr(flash, 'target_platform', lambda: 'tpu')
+  monkeypatch.setattr(flash, '_LOGGED', set())
+  logging.get_absl_logger().setLevel(std_logging.INFO)
+  for variant in ('tisa', 't5+convfixed', 'alibi+rope', 'absolute', 'none+convbert'):
+    assert flash.choose(tiny(variant), dropout=False, record=False), variant
+  assert not flash.choose(tiny('tisa+convq'), dropout=False, record=False)
+  assert not flash.choose(tiny('relative_key'), dropout=False, record=False)
+  assert not flash.choose(tiny('tisa', attention_options=(('use_qk', False),)), dropout=False, record=False)
+  assert not flash.choose(tiny('tisa'), dropout=False, record=True)  # analysis records the probabilities
+  assert flash.choose(tiny('tisa', attention_dropout=0.1), dropout=False, record=False)  # evaluation
+  assert not flash.choose(tiny('tisa', attention_dropout=0.1), dropout=True, record=False)  # training
+  assert not flash.choose(tiny('tisa', attention_impl='xla'), dropout=False, record=False)
+  caplog.clear()
+  with caplog.at_level(std_logging.INFO):
+    flash.choose(tiny('t5'), dropout=False, record=False)
+    flash.choose(tiny('t5'), dropout=False, record=False)
+  assert sum('fused Pallas kernel on tpu' in r.getMessage() for r in caplog.records) == 1  # once per case
+  monkeypatch.setattr(flash, 'target_platform', lambda: 'cpu')
+  assert not flash.choose(tiny('tisa'), dropout=False, record=False)  # auto on the CPU: XLA
+  assert flash.choose(tiny('tisa', attention_impl='pallas'), dropout=False, record=False)
+  monkeypatch.setattr(flash, 'target_platform', lambda: 'gpu')
+  assert not flash.choose(tiny('tisa'), dropout=False, record=False)
+  with pytest.raises(ConfigError, match="attention_impl='pallas' has a TPU kernel"):
+    flash.choose(tiny('tisa', attention_impl='pallas'), dropout=False, record=False)
+
+
+def test_target_platform_is_the_meshs():
+  mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  assert flash.target_platform() == jax.default_backend() == 'cpu'
+  with jax.set_mesh(mesh):
+    assert flash.target_platform() == 'cpu'
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(attention_impl='fast'), "model.attention_impl 'fast' is not one of auto, xla, pallas"),
+    (dict(attention='tisa+relative_key', attention_impl='pallas'),
+     r"attention_impl='pallas' cannot compute attention 'tisa\+relative_key' with the content-dependent "
+     r"score term\(s\) relative_key"),
+    (dict(attention='alibi', attention_dropout=0.1, attention_impl='pallas'), 'attention dropout'),
+])
+def test_bad_attention_impl_is_a_config_error(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    posjax.ModelConfig(**fields)
+
+
+def test_pallas_on_cpu_runs_the_kernel_and_auto_does_not():
+  ids = jnp.ones((1, 8), jnp.int32)
+
+  def primitives(impl):
+    model = posjax.Bert(tiny('tisa', attention_impl=impl))
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids)['params']))
+    return str(jax.make_jaxpr(lambda p: model.apply({'params': p}, ids))(params))
+  assert 'pallas_call' in primitives('pallas')
+  assert 'pallas_call' not in primitives('auto')
+
+
+def test_sharded_kernel_matches_one_device(tmp_path):
+  """Under a data x fsdp x tensor mesh of 8 CPU devices (batch over data and fsdp, heads over tensor), the
+  kernel in its shard_map gives the single-device XLA path's output and gradients, the position tables'
+  summed over the batch shards."""
+  out = tmp_path / 'result.npz'
+  run = subprocess.run([sys.executable, os.path.join(HERE, 'flash_worker.py'), str(out)],
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-4000:]
+  r = np.load(out)
+  names = sorted(k.split('/', 1)[1] for k in r.files if k.startswith('xla/'))
+  assert {'y', 'y_one_row'} <= set(names) and any('tisa' in n for n in names) and any('t5' in n for n in names)
+  for n in names:
+    np.testing.assert_allclose(r[f'pallas/{n}'], r[f'xla/{n}'], atol=TOL, rtol=0, err_msg=n)
+
+
+# --- slower sweep ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize('shape, blocks', [((2, 600, 2, 64), dict(block_q=256, block_k=512)),
+                                           ((3, 1000, 3, 32), {}), ((3, 129, 2, 8), {}),
+                                           ((3, 300, 2, 8), dict(block_q=128, block_k=128))])
+def test_kernel_larger_shapes(shape, blocks):
+  q, k, v, table, mask = inputs(*shape, seed=3)
+  w = jnp.asarray(np.random.default_rng(4).normal(size=shape), jnp.float32)
+  (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, **blocks)
+  np.testing.assert_allclose(o1, o2, atol=TOL, rtol=0)
+  for name, a, b in zip(('q', 'k', 'v', 'table'), g1, g2):
+    np.testing.assert_allclose(a, b, atol=10 * TOL if name == 'table' else TOL, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_bfloat16_within_the_stated_bound():
+  """bf16 q, k, v: both paths round probabilities to bf16 before the product with v (the XLA path after
+  normalising, the kernel before), so each is held to the float32 result, not to each other: outputs
+  within 2e-2 and gradients within 3% of the largest float32 gradient."""
+  shape = (2, 300, 2, 64)
+  q, k, v, table, mask = inputs(*shape, seed=5)
+  w = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
+  (_, _), (o32, g32) = both_ways(q, k, v, table, mask, w, block_q=128, block_k=128)
+  bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  (o_k, g_k), (o_x, g_x) = both_ways(*bf, table, mask, w, block_q=128, block_k=128)
+  for o in (o_k, o_x):
+    assert o.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(o, np.float32), o32, atol=2e-2, rtol=0)
+  for gk, gx, g in zip(g_k, g_x, g32):
+    bound = 0.03 * float(np.abs(g).max())
+    np.testing.assert_allclose(np.asarray(gk, np.float32), g, atol=bound, rtol=0)
+    np.testing.assert_allclose(np.asarray(gx, np.float32), g, atol=bound, rtol=0)
+
+
+@pytest.mark.parametrize('dtype, tol', [(jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)])
+def test_compiled_kernel_on_a_tpu(dtype, tol):
+  """The Mosaic kernel itself, not its interpret mode, against the XLA path on the same TPU; runs only where
+  JAX's backend is a TPU (`JAX_PLATFORMS=tpu python -m pytest tests/test_flash.py -k on_a_tpu`). Both paths'
+  float32 matmuls at full precision; the bound is relative to each quantity's largest magnitude."""
+  if jax.default_backend() != 'tpu':
+    pytest.skip('needs a TPU backend (JAX_PLATFORMS=tpu)')
+  shape = (2, 1000, 4, 64)
+  q, k, v, table, mask = inputs(*shape, seed=7, dtype=dtype)
+  w = jnp.asarray(np.random.default_rng(8).normal(size=shape), jnp.float32)
+  with jax.default_matmul_precision('highest'):
+    (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, interpret=False)
+  for name, a, b in zip(('out', 'q', 'k', 'v', 'table'), (o1, *g1), (o2, *g2)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, atol=tol * np.abs(b).max(), rtol=0, err_msg=name)
