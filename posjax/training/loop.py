@@ -131,6 +131,11 @@ def prepare_pieces(config, workdir: str, documents, held_out, tok, body: int):
   return directory, pieces.read_meta(directory)
 
 
+def sentence_task(config) -> str | None:
+  """The sentence-pair task of the objective's batches ('nsp', 'sop'), or None."""
+  return {'mlm+nsp': 'nsp', 'mlm+sop': 'sop'}.get(config.objective)
+
+
 def build_data(config, workdir: str) -> Data:
   """Documents (a prepared tfds dataset, read record by record) -> tokenizer -> pieces on disk -> the grain
   pipeline; logs the statistics: documents, tokens, examples per epoch, what was skipped and why."""
@@ -141,7 +146,7 @@ def build_data(config, workdir: str) -> Data:
                                                             collections.Counter()))
   specials = pretrain.Specials.from_tokenizer_ids(tokenizer_lib.special_ids(tok))
   vocab = tok.get_vocab_size()
-  task = {'mlm+nsp': 'nsp', 'mlm+sop': 'sop'}.get(config.objective)
+  task = sentence_task(config)
   seq_len = config.data.seq_len
   body = pretrain.body_length(seq_len, task)
   directory, stats = prepare_pieces(config, workdir, documents, held_out, tok, body)
@@ -193,6 +198,7 @@ class ShardedSteps:
   init: Any  # () -> TrainState laid out on the mesh
   train_step: Any  # (state, batch) -> (state, metrics); donates state
   eval_step: Any  # (params, batch) -> metrics
+  objective: steps.Objective
 
 
 def sharded_steps(config, objective, tx, lr, mesh, max_predictions: int) -> ShardedSteps:
@@ -213,7 +219,21 @@ def sharded_steps(config, objective, tx, lr, mesh, max_predictions: int) -> Shar
   eval_step = jax.jit(functools.partial(steps.eval_step, objective=objective),
                       in_shardings=(state_shardings.params, batch_shard))
   return ShardedSteps(abstract, state_shardings, batch_shard,
-                      jax.jit(lambda: nn.unbox(init()), out_shardings=state_shardings), train_step, eval_step)
+                      jax.jit(lambda: nn.unbox(init()), out_shardings=state_shardings), train_step, eval_step,
+                      objective)
+
+
+def build_steps(config, mesh, vocab_size: int, max_predictions: int,
+                forbidden_ids: tuple[int, ...] = ()) -> ShardedSteps:
+  """Model, objective, optimizer and the jitted steps on `mesh`, from the config alone: what
+  `train_and_evaluate` runs and `posjax.aot` compiles for TPU topologies (one construction path).
+  `forbidden_ids`: token ids ELECTRA's generator never samples ([PAD], [CLS], [SEP]).
+
+  Call under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(sharding.rules(config))`, and trace the steps
+  (call or `.lower` them) there too: the model's activation constraints read both."""
+  objective = steps.make_objective(config, model_config(config, vocab_size), forbidden_ids=forbidden_ids)
+  return sharded_steps(config, objective, optimizer.make(config), optimizer.schedule(config), mesh,
+                       max_predictions)
 
 
 def check_model(config) -> None:
@@ -233,14 +253,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data = build_data(config, workdir)
   mcfg = model_config(config, data.vocab_size)
   specials = data.specials
-  objective = steps.make_objective(config, mcfg, forbidden_ids=(specials.pad, specials.cls, specials.sep))
-  tx = optimizer.make(config)
-  lr = optimizer.schedule(config)
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    setup = sharded_steps(config, objective, tx, lr, mesh, data.max_predictions)
+    setup = build_steps(config, mesh, data.vocab_size, data.max_predictions,
+                        forbidden_ids=(specials.pad, specials.cls, specials.sep))
     state_shardings, batch_shard = setup.state_shardings, setup.batch_sharding
     train_step, eval_step = setup.train_step, setup.eval_step
 
