@@ -4,17 +4,21 @@
     python train.py --config=configs/bert.py:base,absolute --workdir=DIR --config.num_train_steps=1000
     python train.py --config=configs/glue.py:sst2 --config.init_from=/tmp/posjax-tiny \
         --config.data.dir=GLUE_DIR --workdir=/tmp/sst2
+    python train.py --config=configs/bert.py:large --compile_only=v5e-64   # as python -m posjax.aot
 
-Rerunning with the same --workdir resumes from its latest checkpoint.
+Rerunning with the same --workdir resumes from its latest checkpoint. `--compile_only=TOPOLOGY` compiles the
+train step for a TPU slice on this host and reports its memory, FLOPs and collectives per chip (no data,
+no workdir; see posjax/aot).
 """
 
-import importlib.util
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from posjax.aot import cli as aot_cli
+from posjax.cli import check_config_args
 from posjax.errors import ConfigError, NonFiniteError
 from posjax.training import host_memory
 
@@ -22,12 +26,19 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
 config_flags.DEFINE_config_file('config', None, 'A config file, optionally with an argument: FILE.py:ARG.',
                                 lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+aot_cli.define_flags('compile_only')  # --compile_only=TOPOLOGY: the same as python -m posjax.aot
+flags.mark_flags_as_required(['config'])
+flags.register_multi_flags_validator(
+    ['workdir', 'compile_only'], lambda f: f['workdir'] is not None or f['compile_only'] is not None,
+    message='--workdir is required (unless --compile_only=TOPOLOGY)')
 
 
 def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])} (flags take the form --name=value)')
+  if FLAGS.compile_only:
+    sys.exit(aot_cli.run(FLAGS.config, FLAGS.compile_only, FLAGS.num_slices, FLAGS.find_max_batch,
+                         FLAGS.dump_hlo, FLAGS.report_json))
   logging.info(host_memory.keep_freed_memory())
   logging.info('config:\n%s', FLAGS.config)
   try:
@@ -45,37 +56,6 @@ def main(argv):
   except NonFiniteError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
-
-
-def check_config_args(argv):
-  """Evaluates --config=FILE.py:ARG and the names of --config.FIELD overrides once, up front, so a bad size,
-  variant or field name prints one line rather than the traceback ml_collections' flag parser wraps round it."""
-  config = None
-  for a in argv[1:]:
-    if a.startswith('--config='):
-      path, _, arg = a.split('=', 1)[1].partition(':')
-      if not os.path.isfile(path):
-        sys.exit(f'error: --config: {path!r} is not a file (e.g. --config=configs/bert.py:tiny)')
-      spec = importlib.util.spec_from_file_location('posjax_config_check', path)
-      module = importlib.util.module_from_spec(spec)
-      try:
-        spec.loader.exec_module(module)
-        config = module.get_config(arg) if arg else module.get_config()
-      except ConfigError as e:
-        sys.exit(f'error: {e}')
-  if config is None:
-    return
-  for a in argv[1:]:
-    if a.startswith('--config.'):
-      field = a[len('--config.'):].split('=', 1)[0]
-      node, walked = config, []
-      for part in field.split('.'):
-        if not hasattr(node, 'keys') or part not in node:
-          where = 'config.' + '.'.join(walked) if walked else 'config'
-          valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(none: not a group)'
-          sys.exit(f'error: unknown config field config.{field}; valid fields of {where}: {valid}')
-        node = node[part]
-        walked.append(part)
 
 
 def cli(argv):
