@@ -87,6 +87,16 @@ def take_rows(x_BxLx, rows_BxR):
   return jnp.take_along_axis(x_BxLx, rows_BxR.reshape(rows_BxR.shape + (1,) * (x_BxLx.ndim - 2)), axis=1)
 
 
+def lookup(table_NxE, ids, row_name: str, dtype):
+  """table[ids] (shape ids.shape + (E,)) in `dtype`, for a table whose rows have logical axis `row_name`.
+
+  The table is constrained whole along its width first (FSDP shards it there, and gathers every weight
+  before use anyway): left sharded, the width of the looked-up rows would claim the mesh axis that also
+  splits the batch, and XLA's SPMD partitioner resolves that clash only by replicating the whole BxLxE
+  activation ("involuntary full rematerialization"), in the backward pass too."""
+  return nn.with_logical_constraint(jnp.asarray(table_NxE, dtype), (row_name, None))[ids]
+
+
 def broadcast_batch(x_1x, batch: int):
   """x (leading axis 1) repeated `batch` times along axis 0, written as an outer product with a ones vector so
   that its gradient, a sum over those rows, is the transposed product: a matrix-vector product that runs at
