@@ -80,8 +80,12 @@ class MultiHeadAttention(nn.Module):
       term = c.build(cfg, name=c.name)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic)
       bias = term if bias is None else bias + term
 
-    if bias is not None and bias.shape[0] == 1 and x_BxLxD.shape[0] > 1:
-      bias = layers.broadcast_batch(bias, x_BxLxD.shape[0])
+    if bias is not None:
+      # One rule for both paths below: the summed score terms in the compute dtype, added to the float32
+      # logits (so bfloat16 training keeps a bfloat16 BxHxLxL bias for the backward pass, not a float32 one).
+      bias = bias.astype(cfg.dtype)
+      if bias.shape[0] == 1 and x_BxLxD.shape[0] > 1:
+        bias = layers.broadcast_batch(bias, x_BxLxD.shape[0])
     use_qk = bool(cfg.option('use_qk', True))
     scale = 1.0 / float(dh) ** 0.5
     need_dropout = cfg.attention_dropout > 0.0 and not deterministic
@@ -92,7 +96,7 @@ class MultiHeadAttention(nn.Module):
       # XLA's (or cuDNN's / a TPU) fused kernel; HF-style key masking via `mask`.
       ctx_BxLxHxDh = jax.nn.dot_product_attention(
           q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh,
-          bias=None if bias is None else bias.astype(q_BxLxHxDh.dtype),
+          bias=bias,
           mask=mask_BxL[:, None, None, :], scale=scale)
     else:
       drop = nn.Dropout(cfg.attention_dropout)
