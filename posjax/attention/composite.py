@@ -16,17 +16,18 @@ term alone (`use_qk=False`) is a lightweight convolution of the values whose ker
 with the taps beyond +-k tied to the edge taps; for sequences no longer than k+1 it is exactly the windowed
 (softmax-normalised) convolution of Wu et al. 2019, renormalised over the taps inside the sequence.
 The default width 17 (8 positions each way) is the paper's; tables start as N(0, initializer_range) like
-BERT's embeddings. Each term is BxHxL(2k+1) work plus a gather; nothing of size BxHxLxLxDh is built.
+BERT's embeddings. Each term is BxHxL(2k+1) work spread over LxL by a skew; nothing of size BxHxLxLxDh is
+built.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from posjax import layers
 from posjax.attention import registry
+from posjax.attention.relative import skew, toeplitz
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -40,10 +41,16 @@ def kernel_radius(cfg: ModelConfig) -> int:
   return (width - 1) // 2
 
 
-def window_index(length: int, k: int) -> np.ndarray:
-  """idx_LxL[i, j] = clip(j - i, -k, k) + k, the tap of key j for query i (a constant: L is static)."""
-  pos = np.arange(length)
-  return np.clip(pos[None, :] - pos[:, None], -k, k) + k
+def clipped_taps(s_xR, length: int):
+  """e[..., (L-1) + d] = s[..., clip(d, -k, k) + k] for the 2L-1 distances d = -(L-1)..L-1 of a length-L
+  sequence, from the R = 2k+1 taps: the edge taps repeated beyond +-k (broadcasts and a concatenation, whose
+  gradient is a sum; no gather)."""
+  k = (s_xR.shape[-1] - 1) // 2
+  reach = min(k, length - 1)
+  middle = s_xR[..., k - reach:k + reach + 1]
+  edge = (*s_xR.shape[:-1], length - 1 - reach)
+  return jnp.concatenate([jnp.broadcast_to(s_xR[..., :1], edge), middle,
+                          jnp.broadcast_to(s_xR[..., -1:], edge)], axis=-1)
 
 
 class ConvFixed(nn.Module):
@@ -58,7 +65,7 @@ class ConvFixed(nn.Module):
     l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
     w_HxR = self.param('kernel', layers.init(cfg.initializer_range, ('heads', 'kernel')), (h, 2 * k + 1),
                        cfg.param_dtype)
-    return jnp.asarray(w_HxR, cfg.dtype)[:, window_index(l, k)][None]
+    return toeplitz(clipped_taps(jnp.asarray(w_HxR, cfg.dtype), l), l)[None]
 
 
 class ConvDynamic(nn.Module):
@@ -75,14 +82,15 @@ class ConvDynamic(nn.Module):
     r_RxDh = self.param('kernel', layers.init(cfg.initializer_range, ('kernel', 'kv')), (2 * k + 1, dh),
                         cfg.param_dtype)
     x_BxLxHxDh = k_BxLxHxDh if self.from_keys else q_BxLxHxDh
-    # Every position meets only the 2k+1 distinct taps; the LxL term is a gather of this small product.
+    # Every position meets only the 2k+1 distinct taps; the LxL term is this small product spread over the
+    # distances of each row (n's) and skewed (relative.skew), never a gather, whose scatter-add gradient
+    # the TPU compiler lays out with batch and heads last, padded to 128 lanes.
     s_BxHxLxR = jnp.einsum('bnhd,rd->bhnr', x_BxLxHxDh, jnp.asarray(r_RxDh, x_BxLxHxDh.dtype))
     s_BxHxLxR = s_BxHxLxR / jnp.sqrt(jnp.asarray(dh, s_BxHxLxR.dtype))
-    idx_LxL = window_index(l, k)
-    pos = np.arange(l)
     if self.from_keys:
-      return s_BxHxLxR[:, :, pos[None, :], idx_LxL]  # [b, h, i, j] = s[b, h, j, idx[i, j]]
-    return s_BxHxLxR[:, :, pos[:, None], idx_LxL]  # [b, h, i, j] = s[b, h, i, idx[i, j]]
+      # [b, h, i, j] = s[b, h, j, tap(j - i)]: row j over i - j, i.e. the taps reversed, then transposed.
+      return jnp.swapaxes(skew(clipped_taps(s_BxHxLxR[..., ::-1], l), l), -1, -2)
+    return skew(clipped_taps(s_BxHxLxR, l), l)  # [b, h, i, j] = s[b, h, i, tap(j - i)]
 
 
 _PAPER = 'Chang et al. 2021 (composite attention)'

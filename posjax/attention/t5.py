@@ -19,6 +19,7 @@ import numpy as np
 
 from posjax import layers
 from posjax.attention import registry
+from posjax.attention.relative import toeplitz
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -55,12 +56,9 @@ class T5Bias(nn.Module):
     l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
     table_NxH = self.param('relative_attention_bias', layers.init(cfg.initializer_range, ('pos', 'heads')),
                            (nb, h), cfg.param_dtype)
-    # Buckets of the 2L-1 distances j - i = -(L-1)..L-1 are a small constant (L is static); the LxL index
-    # is left to XLA.
-    buckets_R = jnp.asarray(relative_position_bucket(np.arange(-(l - 1), l), nb, md), jnp.int32)
-    pos = jnp.arange(l)
-    bias_LxLxH = jnp.asarray(table_NxH, cfg.dtype)[buckets_R[pos[None, :] - pos[:, None] + l - 1]]
-    return jnp.transpose(bias_LxLxH, (2, 0, 1))[None]
+    # Buckets of the 2L-1 distances j - i = -(L-1)..L-1 are a small constant (L is static).
+    buckets_R = relative_position_bucket(np.arange(-(l - 1), l), nb, md)
+    return toeplitz(jnp.asarray(table_NxH, cfg.dtype)[buckets_R].T, l)[None]
 
 
 registry.register(registry.Component(

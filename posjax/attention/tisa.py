@@ -14,9 +14,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from posjax.attention import registry
+from posjax.attention.relative import toeplitz
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -50,12 +50,11 @@ class Tisa(nn.Module):
         jnp.asarray(self.param(name, _normal(*_INIT[name], ('kernel', 'heads')), (s, h), cfg.param_dtype),
                     jnp.float32)
         for name in ('amplitude', 'sharpness', 'offset'))
-    # f only at the 2L-1 distances d = i - j = -(L-1)..L-1, then spread over LxL by a constant gather.
-    d_R = jnp.arange(-(l - 1), l, dtype=jnp.float32)
+    # f only at the 2L-1 distances i - j = L-1..-(L-1) (in the order of j - i), then spread over LxL.
+    d_R = jnp.arange(l - 1, -l, -1, dtype=jnp.float32)
     f_HxR = jnp.sum(a_SxH[..., None] * jnp.exp(-jnp.abs(b_SxH[..., None]) * (d_R - c_SxH[..., None]) ** 2),
                     axis=0)
-    pos = np.arange(l)
-    return f_HxR[:, pos[:, None] - pos[None, :] + l - 1][None].astype(cfg.dtype)
+    return toeplitz(f_HxR.astype(cfg.dtype), l)[None]
 
 
 registry.register(registry.Component(
