@@ -1,7 +1,8 @@
 """Compile the trainer's own jitted train step for a set of devices, without data, and read what the compiler
 says about it: memory per chip, FLOPs and bytes, collectives, its warnings.
 
-    report = compile.train_step(config, topology.devices(topo), topo.chip)
+    compiled = compile.compile_train_step(config, topology.devices(topo))
+    report = compile.report(compiled, topo.chip, topo.name)   # a JSON-able dict
 
 Everything the step is built from comes from the trainer (`posjax.training.loop.build_steps`: model,
 objective, optimizer, state and batch shardings, jit) and the batch's fields from the input pipeline
@@ -14,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from typing import Any
 
@@ -55,7 +55,7 @@ def batch_fields(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 def batch_divisor(config, mesh) -> int:
   """Global batch sizes must be multiples of this: grad_accum_steps x the mesh axes the batch is split over."""
-  n, _ = sharding._axis_size(mesh, dict(sharding.rules(config)).get('batch'))  # pylint: disable=protected-access
+  n, _ = sharding.axis_size(mesh, dict(sharding.rules(config)).get('batch'))
   return config.grad_accum_steps * n
 
 

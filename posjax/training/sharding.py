@@ -68,14 +68,14 @@ def rules(config) -> tuple[tuple[str, object], ...]:
   return out
 
 
-def _axis_size(mesh: Mesh, axis) -> tuple[int, str]:
+def axis_size(mesh: Mesh, axis) -> tuple[int, str]:
   axes = [a for a in (axis if isinstance(axis, tuple) else (axis,)) if a is not None]
   return math.prod(mesh.shape[a] for a in axes), ' x '.join(f'{a}={mesh.shape[a]}' for a in axes)
 
 
 def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh, rule_table) -> None:
   """Each micro-batch must split evenly over the mesh axes the `batch` rule names."""
-  n, named = _axis_size(mesh, dict(rule_table).get('batch'))
+  n, named = axis_size(mesh, dict(rule_table).get('batch'))
   if batch_size % (grad_accum_steps * n):
     raise ConfigError(f'batch_size ({batch_size}) must be divisible by grad_accum_steps ({grad_accum_steps}) '
                       f'x the mesh axes the batch is split over ({named or "none"}: {n}) = '
@@ -93,7 +93,7 @@ def check_params(abstract_params, mesh: Mesh, rule_table) -> None:
       continue
     mesh_axes = nn.logical_to_mesh_axes(leaf.names, rule_table)
     for size, name, axis in zip(leaf.value.shape, leaf.names, mesh_axes):
-      n, named = _axis_size(mesh, axis)
+      n, named = axis_size(mesh, axis)
       if size % n:
         where = '/'.join(str(getattr(k, 'key', k)) for k in path)
         hint = ''
