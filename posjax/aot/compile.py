@@ -140,18 +140,20 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
   the batch divisor: memory is nearly linear in k, so the next k is the line through the two largest that fit
   extrapolated to the chip's HBM, clamped into the bracket of known fits and misses, and the bracket is
   halved instead whenever the previous extrapolation missed. Ends when the bracket closes or after
-  `max_compiles` (then the largest fit found). `known`: {batch size: per-chip bytes, or None for does not
+  `max_compiles` (then the largest fit found). `known`: {batch size: its Compiled, or None where it did not
   fit} from compiles already made."""
   mesh = sharding.make_mesh(config.mesh, devices)
   d = batch_divisor(config, mesh)
   hbm = chip.hbm_bytes if chip is not None else None
   lo, hi, fits, tried, best = 0, None, {}, [], None
-  for b, total in (known or {}).items():
-    if total is None:
+  for b, made in (known or {}).items():
+    total = report_memory(made.compiled)['total'] if made is not None else None
+    if total is None or (hbm is not None and total > hbm):
       hi = min(hi or b // d, b // d)
     else:
       fits[b // d] = total
-      lo = max(lo, b // d)
+      if b // d > lo:
+        lo, best = b // d, made
   k, extrapolated = (max(1, config.batch_size // d) if not known else None), False
   for _ in range(max_compiles + 1):
     if k is not None:
@@ -182,8 +184,6 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
   if not lo:
     raise DoesNotFit(f'no batch fits: not even {min(tried or [d])} (batch sizes are multiples of grad_accum_steps '
                      f'x the mesh axes the batch is split over, {d})')
-  if best is None:  # the largest fit was given in `known`: compile it once more
-    _, best = _probe(config, devices, chip, lo * d)
   return best, tried
 
 
