@@ -287,3 +287,24 @@ def test_find_max_batch_closes_the_bracket_in_few_compiles(monkeypatch, devices,
   best, tried = compile_lib.find_max_batch(small_config(batch_size=start), devs, chip)
   assert best == f'compiled at {largest}' and tried == calls and largest + 1 in calls
   assert len(calls) <= compiles, calls
+
+
+def test_bytes_of_in_place_updates_count_the_slice():
+  # A scan writes each layer's activations into a stacked buffer in place: a slice, not the whole buffer.
+  text = '\n'.join([
+      '%fused (p0: f32[12,1024], p1: f32[1,1024], p2: s32[]) -> f32[12,1024] {',
+      '  %p0 = f32[12,1024]{1,0} parameter(0)',
+      '  %p1 = f32[1,1024]{1,0} parameter(1)',
+      '  %p2 = s32[] parameter(2)',
+      '  %z = s32[] constant(0)',
+      '  ROOT %u = f32[12,1024]{1,0} dynamic-update-slice(%p0, %p1, %p2, %z)',
+      '}', '',
+      'ENTRY %main (a: f32[12,1024], b: f32[1,1024], i: s32[]) -> f32[12,1024] {',
+      '  %a = f32[12,1024]{1,0} parameter(0)',
+      '  %b = f32[1,1024]{1,0} parameter(1)',
+      '  %i = s32[] parameter(2)',
+      '  %f = f32[12,1024]{1,0} fusion(%a, %b, %i), kind=kLoop, calls=%fused',
+      '  %s = f32[1,1024]{1,0} dynamic-slice(%a, %i, %i), dynamic_slice_sizes={1,1024}',
+      '}'])
+  # fusion: reads the update (4 KiB) and the index, writes the 4 KiB slice; dynamic-slice: 4 KiB in and out.
+  assert hlo.costs(text)['bytes'] == (4096 + 4 + 4096) + 2 * 4096

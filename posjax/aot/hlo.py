@@ -242,6 +242,61 @@ _NO_TRAFFIC = ('parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast',
                'after-all', 'opt-barrier', 'partition-id', 'replica-id')
 
 
+def _sliced_operands(lines: list[str]) -> dict[int, tuple[int, int]]:
+  """For a computation's parameters used only as the array a dynamic slice reads or a dynamic update slice
+  writes into (a scan's stacked per-layer buffers, updated in place): {parameter number: (bytes read of it,
+  bytes its in-place update writes)}. Those instructions touch a slice of the array, not all of it."""
+  params, uses, shapes = {}, collections.defaultdict(list), {}
+  for line in lines:
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    target, shape, op, rest = m.groups()
+    shapes[target] = shape
+    if op == 'parameter':
+      params[target] = int(re.match(r'(\d+)', rest).group(1))
+      continue
+    for i, o in enumerate(_operands(rest)):
+      uses[o].append((op, i, target))
+  out = {}
+  for name, number in params.items():
+    u = uses.get(name, [])
+    if u and all(op in ('dynamic-slice', 'dynamic-update-slice') and i == 0 for op, i, _ in u):
+      read = sum(sum(array_bytes(shapes[t])) for op, _, t in u if op == 'dynamic-slice')
+      written = sum(sum(array_bytes(shapes.get(_operands_of(lines, t)[1], ''))) for op, _, t in u
+                    if op == 'dynamic-update-slice')
+      out[number] = (read, written)
+  return out
+
+
+def _operands_of(lines: list[str], target: str) -> list[str]:
+  for line in lines:
+    m = _INSTRUCTION.match(line)
+    if m and m.group(1) == target:
+      return _operands(m.group(4))
+  return []
+
+
+def _traffic(op: str, shape: str, rest: str, shapes: dict[str, str], comps: dict[str, list[str]]) -> int:
+  """Bytes an instruction outside fusions reads and writes: its operands and result, except that dynamic
+  slices read, and in-place dynamic update slices write, only their slice (also inside fusions)."""
+  names = _operands(rest)
+  sizes = [sum(array_bytes(shapes.get(o, ''))) for o in names]
+  result = sum(array_bytes(shape))
+  if op == 'dynamic-slice':
+    return 2 * result
+  if op == 'dynamic-update-slice':
+    return 2 * (sizes[1] if len(sizes) > 1 else result)
+  if op == 'fusion':
+    callee = next((c for k, c in _CALLED.findall(rest) if k == 'calls'), None)
+    for number, (read, written) in _sliced_operands(comps.get(callee, [])).items():
+      if number < len(sizes):
+        if written:  # the buffer is updated in place: its slice written, not the whole array out
+          result -= sizes[number] - written
+        sizes[number] = read
+  return max(result, 0) + sum(sizes)
+
+
 def costs(text: str) -> dict[str, float]:
   """Per device and step, from an optimised HLO module: `matmul_flops` of its dot and convolution
   instructions and `bytes` that the instructions outside fusions read and write, each computation counted as
@@ -267,7 +322,7 @@ def costs(text: str) -> dict[str, float]:
         out['matmul_flops'] += times * f
         out['matmul_flops_once'] += f
       if name not in fused and op not in _NO_TRAFFIC and not op.endswith('-done'):
-        b = sum(array_bytes(shape)) + sum(sum(array_bytes(shapes.get(o, ''))) for o in _operands(rest))
+        b = _traffic(op, shape, rest, shapes, comps)
         out['bytes'] += times * b
         out['bytes_once'] += b
   return out
