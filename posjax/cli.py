@@ -37,7 +37,7 @@ COMMANDS = {
     'export': ('posjax.convert.export', 'Writes a Hugging Face model directory, with its tokenizer, from a '
                'pretraining workdir.'),
     'plot': ('posjax.analysis.plot', 'Draws the loss and evaluation curves of a run as a PNG file.'),
-    'aot': ('posjax.aot', 'Compiles the train step for a TPU topology on this machine and reports memory, '
+    'aot': ('posjax.aot.cli', 'Compiles the train step for a TPU topology on this machine and reports memory, '
             'FLOPs, collectives and an estimated step time.'),
     'prepare': ('posjax.data.prepare', 'Prepares a corpus (local files or a tfds dataset) for pretraining, ahead '
                 'of time.'),
@@ -89,12 +89,15 @@ QUIET = ('Using custom data configuration', 'has no dataset_info.json', 'Generat
 
 
 def _train_parser(prog: str, finetune: bool) -> argparse.ArgumentParser:
+  from posjax.aot import cli as aot_cli  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog=prog, description=TRAIN_HELP,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='The directory for checkpoints, metrics and the tokenizer.')
+  parser.add_argument('--workdir', help='The directory for checkpoints, metrics and the tokenizer (required '
+                      'unless --compile_only).')
   parser.add_argument('--config', default='glue:sst2' if finetune else None, required=not finetune,
                       help='The config: NAME[:ARG] of the package or FILE.py[:ARG].' + (
                           ' Default: glue:sst2.' if finetune else ''))
+  aot_cli.add_arguments(parser, 'compile_only')  # the same as posjax aot --topology=TOPOLOGY
   return parser
 
 
@@ -125,6 +128,13 @@ def train(argv: list[str], finetune: bool = False) -> int:
     print(f'error: {e}', file=sys.stderr)
     return e.exit_code
   config.lock()
+  if args.compile_only:
+    from posjax.aot import cli as aot_cli  # pylint: disable=g-import-not-at-top
+    return aot_cli.run(config, args.compile_only, args.num_slices, args.find_max_batch, args.dump_hlo,
+                       args.report_json)
+  if args.workdir is None:
+    print('error: --workdir is required (unless --compile_only=TOPOLOGY)', file=sys.stderr)
+    return 2
   from posjax.training import host_memory, trainer  # pylint: disable=g-import-not-at-top
   setup_logging(argv[0])
   logging.info('%s', host_memory.keep_freed_memory())

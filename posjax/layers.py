@@ -103,17 +103,34 @@ def take_rows(x_BxLx, rows_BxR):
   return jnp.take_along_axis(x_BxLx, rows_BxR.reshape(rows_BxR.shape + (1,) * (x_BxLx.ndim - 2)), axis=1)
 
 
+def lookup(table_NxE, ids, row_name: str, dtype):
+  """table[ids] (shape ids.shape + (E,)) in `dtype`, for a table whose rows have logical axis `row_name`.
+
+  The table is constrained whole along its width first (FSDP shards it there, and gathers every weight
+  before use anyway): left sharded, the width of the looked-up rows would claim the mesh axis that also
+  splits the batch, and XLA's SPMD partitioner resolves that clash only by replicating the whole BxLxE
+  activation ("involuntary full rematerialization"), in the backward pass too."""
+  return nn.with_logical_constraint(jnp.asarray(table_NxE, dtype), (row_name, None))[ids]
+
+
 def broadcast_batch(x_1x, batch: int):
-  """x (leading axis 1) repeated `batch` times along axis 0, written as an outer product with a ones vector so
-  that its gradient, a sum over those rows, is the transposed product: a matrix-vector product that runs at
-  memory speed. The gradient of jnp.broadcast_to is XLA's reduction over a leading axis, which on CPU reads
-  with a stride of the trailing size: ~0.6 GB/s for a BxHxLxL attention bias (55 ms per layer at L=512, as
-  long as the attention matmuls) and ~2 GB/s for the MLM decoder's (B*P)x30522 bias gradient. The forward
-  pass simplifies to a plain broadcast that fuses into its consumer; forward-mode autodiff works as usual."""
-  ones_B = jnp.ones((batch,), x_1x.dtype)
-  # HIGHEST: TPUs (bf16 passes) and GPUs (TF32) would otherwise round float32 cotangents before summing them.
-  return jnp.einsum('b,n->bn', ones_B, x_1x.reshape(-1), precision=jax.lax.Precision.HIGHEST).reshape(
-      (batch,) + x_1x.shape[1:])
+  """x (leading axis 1) repeated `batch` times along axis 0.
+
+  On the CPU as an outer product with a ones vector, so that its gradient, a sum over those rows, is the
+  transposed product: a matrix-vector product that runs at memory speed. XLA:CPU's reduction over a leading
+  axis (the gradient of jnp.broadcast_to) reads with a stride of the trailing size: ~0.6 GB/s for a BxHxLxL
+  attention bias (55 ms per layer at L=512, as long as the attention matmuls) and ~2 GB/s for the MLM
+  decoder's (B*P)x30522 bias gradient. HIGHEST precision keeps that product an exact float32 sum. Elsewhere a
+  plain broadcast: on a TPU the same product is six bf16 passes of the MXU over a BxHxLxL operand that the
+  broadcast never materialises. The choice is the compiled computation's platform (lax.platform_dependent),
+  not the host's: an ahead-of-time compile for a TPU gets the broadcast."""
+  shape = (batch,) + x_1x.shape[1:]
+
+  def ones_product(x):
+    ones_B = jnp.ones((batch,), x.dtype)
+    return jnp.einsum('b,n->bn', ones_B, x.reshape(-1), precision=jax.lax.Precision.HIGHEST).reshape(shape)
+
+  return jax.lax.platform_dependent(x_1x, cpu=ones_product, default=lambda x: jnp.broadcast_to(x, shape))
 
 
 def argmax_last(x):

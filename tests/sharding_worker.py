@@ -14,6 +14,7 @@ from jax.sharding import AxisType  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import load_config_module  # noqa: E402
+from posjax.aot import hlo  # noqa: E402
 from posjax.data import pipeline, pretrain  # noqa: E402
 from posjax.training import objectives, optimizer, pretraining, sharding, trainer  # noqa: E402
 
@@ -50,6 +51,14 @@ def main(name, variant, out):
   data = pipeline.MLMBatches(examples, c.batch_size, pretrain.Specials(0, 2, 3, 4, 1), 128, seed=0)
   objective = objectives.make(c, mcfg, 16, data.max_predictions, forbidden_ids=(0, 2, 3))
   results = {}
+  with hlo.captured_stderr() as log:  # XLA's SPMD warnings, counted below
+    run_meshes(c, objective, tx, lr, data, results)
+  sys.stderr.write('\n'.join(log) + '\n')
+  results['involuntary_remat'] = np.array(sum(hlo.INVOLUNTARY_REMAT in line for line in log))
+  np.savez(out, **results)
+
+
+def run_meshes(c, objective, tx, lr, data, results):
   for mesh_name, shape in MESHES.items():
     n = int(np.prod(shape))
     mesh = jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:n])
@@ -67,7 +76,6 @@ def main(name, variant, out):
       results[f'{mesh_name}/loss'] = np.asarray(m['loss'])
       for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
         results[f'{mesh_name}/{jax.tree_util.keystr(path)}'] = np.asarray(leaf)
-  np.savez(out, **results)
 
 
 if __name__ == '__main__':

@@ -96,3 +96,35 @@ def test_left_alone_where_a_pjrt_plugin_package_is_installed(tmp_path):
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True,
                        timeout=120).stdout.strip()
   assert out == 'host malloc: left as is (an accelerator may run the steps)', out
+
+
+def test_cpu_runs_keep_the_settings_where_libtpu_is_installed():
+  # libtpu lets a CPU machine compile for TPUs (posjax.aot) but runs nothing there: JAX runs on the CPU.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.skip('libtpu is not installed')
+  if host_memory._tpu_chips():  # pylint: disable=protected-access
+    pytest.skip('this machine has TPU chips')
+  code = 'from posjax.training import host_memory; print(host_memory.keep_freed_memory())'
+  env = _env()
+  del env['JAX_PLATFORMS']
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True,
+                       timeout=120).stdout.strip()
+  assert out.startswith('host malloc: one arena'), out
+
+
+def test_tpu_chips_on_the_bus_leave_malloc_alone(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv('PJRT_NAMES_AND_LIBRARY_PATHS', raising=False)
+  monkeypatch.setattr(host_memory.importlib.util, 'find_spec',
+                      lambda name: object() if name == 'libtpu' else None)
+  monkeypatch.setattr(host_memory.importlib.metadata, 'entry_points', lambda group: [])
+  asked = jax.config.jax_platforms
+  jax.config.update('jax_platforms', None)  # as without JAX_PLATFORMS
+  try:
+    monkeypatch.setattr(host_memory, '_tpu_chips', lambda: 4)
+    assert host_memory._accelerator_possible()  # pylint: disable=protected-access
+    monkeypatch.setattr(host_memory, '_tpu_chips', lambda: 0)
+    assert not host_memory._accelerator_possible()  # pylint: disable=protected-access
+  finally:
+    jax.config.update('jax_platforms', asked)

@@ -1,5 +1,6 @@
-"""layers.broadcast_batch (a leading-1 array repeated over rows, as an outer product with ones) against
-autodiff of jnp.broadcast_to and a NumPy sum, in both directions; layers.argmax_last against NumPy's argmax;
+"""layers.broadcast_batch (a leading-1 array repeated over rows: an outer product with ones when compiled for
+the CPU, a broadcast for other platforms) against autodiff of jnp.broadcast_to and a NumPy sum, in both
+directions; layers.argmax_last against NumPy's argmax;
 layers.DenseGeneral (2-D product for trailing axes, dot_general otherwise) against NumPy's einsum."""
 
 import flax.linen as nn
@@ -47,6 +48,16 @@ def test_forward_mode_passes_through_broadcast_batch_and_a_model_using_it():
   shift = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * d, params, direction)  # noqa: E731
   fd = (f(shift(eps)) - f(shift(-eps))) / (2 * eps)
   np.testing.assert_allclose(float(df), float(fd), rtol=2e-2)
+
+
+@pytest.mark.parametrize('platform, product', [('cpu', True), ('tpu', False), ('cuda', False)])
+def test_broadcast_batch_is_a_ones_product_only_when_compiled_for_the_cpu(platform, product):
+  # Decided by the platform the computation is lowered for (here without that platform present), not by the
+  # host: gradients included.
+  f = lambda b, d: jnp.sum(broadcast_batch(b, 7) * d)  # noqa: E731
+  args = (jnp.ones((1, 3, 5), jnp.float32), jnp.ones((7, 3, 5), jnp.float32))
+  text = jax.jit(jax.value_and_grad(f)).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  assert ('dot_general' in text) == product and ('HIGHEST' in text) == product
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.int32])

@@ -345,3 +345,16 @@ def test_two_processes_read_their_halves_of_the_global_batches_and_resume(tmp_pa
       if s >= 3:
         for h in halves + [whole]:
           assert h[f'resumed_{k}_{s}'].tobytes() == h[f'{k}_{s}'].tobytes(), (k, s)
+
+
+@pytest.mark.parametrize('task', [None, 'nsp', 'sop'])
+@pytest.mark.parametrize('max_predictions', [0, 7])
+def test_batch_spec_describes_the_batches_train_dataset_makes(task, max_predictions):
+  from helpers import ListPieces  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(5, 300, size=rng.integers(20, 60)) for _ in range(12)]
+  examples = pipeline.PieceExamples(ListPieces(docs, pretrain.body_length(24, task)), 24, SPECIALS, task)
+  masking = pipeline.Masking(SPECIALS, 300, 0.15, max_predictions)
+  batch = pipeline.train_dataset(examples, 8, 0, masking, grain.sharding.NoSharding())[0]
+  spec = pipeline.batch_spec(8, 24, task, masking)
+  assert spec == {k: (v.shape, v.dtype) for k, v in batch.items()}

@@ -373,3 +373,18 @@ def test_relative_scores_gradients_match_numpy(m, l, block):
   np.add.at(want_dr, d.reshape(-1), np.einsum('bhij,bihd->ijd', w, x).reshape(l * l, -1))
   np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(dr), want_dr, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize('length', [1, 2, 7])
+def test_toeplitz_against_numpy_and_its_gradient_is_a_sum_over_diagonals(length):
+  from posjax.attention.relative import toeplitz
+  v = np.random.default_rng(0).normal(size=(3, 2 * length - 1)).astype(np.float32)
+  want = np.array([[[v[h, (length - 1) + j - i] for j in range(length)] for i in range(length)] for h in range(3)])
+  np.testing.assert_array_equal(toeplitz(jnp.asarray(v), length), want)
+  d = np.random.default_rng(1).normal(size=(3, length, length)).astype(np.float32)
+  (g,) = jax.vjp(lambda x: toeplitz(x, length), jnp.asarray(v))[1](jnp.asarray(d))
+  want_g = np.zeros_like(v)
+  for i in range(length):
+    for j in range(length):
+      want_g[:, (length - 1) + j - i] += d[:, i, j]
+  np.testing.assert_allclose(g, want_g, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Data, FSDP, tensor and mixed 2x2x2 parallelism on 8 CPU devices give the single-device result."""
+"""Data, FSDP, tensor and mixed 2x2x2 parallelism on 8 CPU devices give the single-device result, and XLA
+partitions every tensor without replicating it whole."""
 
 import os
 import subprocess
@@ -14,7 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize('name, variant', [
     ('bert', 'relative_key'),
     pytest.param('albert', 'relative_key_query', marks=pytest.mark.slow),
-    pytest.param('convbert', 'absolute+convbert', marks=pytest.mark.slow)])
+    pytest.param('convbert', 'absolute+convbert', marks=pytest.mark.slow),
+    pytest.param('electra', 'absolute', marks=pytest.mark.slow)])
 def test_sharded_steps_match_one_device(tmp_path, name, variant):
   out = tmp_path / 'result.npz'
   run = subprocess.run([sys.executable, os.path.join(HERE, 'sharding_worker.py'), name, variant, str(out)],
@@ -30,3 +32,6 @@ def test_sharded_steps_match_one_device(tmp_path, name, variant):
                                  err_msg=f'{mesh} {p}')
   # 8-way FSDP: each device holds about an eighth of the parameter and optimizer bytes, not a full copy.
   assert float(r['fsdp_bytes_fraction']) < 0.2, float(r['fsdp_bytes_fraction'])
+  # No tensor's sharding forced XLA to replicate it whole (it warns "[SPMD] Involuntary full
+  # rematerialization"): the embedding lookups did under FSDP with tensor parallelism (the mix mesh).
+  assert int(r['involuntary_remat']) == 0, run.stderr[-4000:]

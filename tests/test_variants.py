@@ -200,3 +200,29 @@ def test_no_batch_heads_length_length_headdim_tensor(variant):
   # The scan over sub-jaxprs must see the attention itself: [B, H, L, L] logits are among the outputs.
   assert b * cfg.num_heads * l * l in all_sizes or 'convbert' in variant
   assert max(all_sizes) < limit, (max(all_sizes), limit)
+
+
+@pytest.mark.parametrize('variant', [v for v in variants() if registry.parse(v).score])
+def test_no_gather_or_scatter_over_the_length_by_length_grid(variant):
+  """Position terms spread over LxL by reshapes (relative.skew / toeplitz), not by indexing with an LxL array:
+  the gradient of such a gather is a scatter-add that the TPU compiler lays out with the heads (and batch)
+  last, padded to 128 lanes: TISA's and T5's temporaries were 1.5x absolute's on a v5e, composite's 2.1x."""
+  cfg = small_config(variant)
+  model = posjax.Bert(cfg)
+  b, l = 2, 24  # L differs from every other dimension here
+  ids = jnp.ones((b, l), jnp.int32)
+  params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids)['params']))
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, ids)['hidden_BxLxD'])))(params)
+
+  def eqns(jx):
+    for eqn in jx.eqns:
+      yield eqn
+      for value in eqn.params.values():
+        for sub in (value if isinstance(value, (list, tuple)) else [value]):
+          inner = getattr(sub, 'jaxpr', sub)
+          if hasattr(inner, 'eqns'):
+            yield from eqns(inner)
+
+  grid = [str(e.primitive) for e in eqns(jaxpr.jaxpr) if str(e.primitive) in ('gather', 'scatter-add', 'scatter')
+          and any(list(getattr(v.aval, 'shape', ())).count(l) >= 2 for v in list(e.invars) + list(e.outvars))]
+  assert not grid, grid

@@ -21,7 +21,7 @@ class LearnedPositionEmbedding(nn.Module):
     cfg = self.config
     table = self.param('embedding', layers.init(cfg.initializer_range, ('pos', 'embed')),
                        (cfg.max_position_embeddings, cfg.embed_dim), cfg.param_dtype)
-    return jnp.asarray(table, cfg.dtype)[positions_BxL]
+    return layers.lookup(table, positions_BxL, 'pos', cfg.dtype)
 
 
 def sinusoid_table(length: int, dim: int) -> np.ndarray:

@@ -22,7 +22,8 @@ with the taps beyond +-k tied to the edge taps; for sequences no longer than k+1
 (softmax-normalised) convolution of Wu et al. 2019, renormalised over the taps inside the sequence.
 The default width 17 (8 positions each way) is the paper's. Initialisation is the authors': `convfixed`
 starts at zero (no bias), `convq`/`convk` at U(+-1/sqrt(2k+1)) (their kaiming_uniform_(a=sqrt(5)) on the
-Dhx(2k+1) table). Each term is BxHxL(2k+1) work plus a gather; nothing of size BxHxLxLxDh is built.
+Dhx(2k+1) table). Each term is BxHxL(2k+1) work spread over LxL by a skew; nothing of size BxHxLxLxDh is
+built.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from posjax import layers
-from posjax.attention import offsets, registry
+from posjax.attention import registry
+from posjax.attention.relative import skew
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
@@ -54,9 +56,20 @@ def offset_taps(d, k: int, from_keys: bool = False):
 
 def convfixed_offsets(cfg: ModelConfig, params, length: int, heads: int):
   """table_HxR[h, d + L - 1] = w[h, clip(d, -k, k) + k], d = j - i, from `kernel` (H, 2k+1)."""
-  del heads
-  k = kernel_radius(cfg)
-  return jnp.asarray(params['kernel'], jnp.float32)[:, np.clip(offsets.distances(length), -k, k) + k]
+  del cfg, heads  # k is the kernel's
+  return clipped_taps(jnp.asarray(params['kernel'], jnp.float32), length)
+
+
+def clipped_taps(s_xR, length: int):
+  """e[..., (L-1) + d] = s[..., clip(d, -k, k) + k] for the 2L-1 distances d = -(L-1)..L-1 of a length-L
+  sequence, from the R = 2k+1 taps: the edge taps repeated beyond +-k (broadcasts and a concatenation, whose
+  gradient is a sum; no gather)."""
+  k = (s_xR.shape[-1] - 1) // 2
+  reach = min(k, length - 1)
+  middle = s_xR[..., k - reach:k + reach + 1]
+  edge = (*s_xR.shape[:-1], length - 1 - reach)
+  return jnp.concatenate([jnp.broadcast_to(s_xR[..., :1], edge), middle,
+                          jnp.broadcast_to(s_xR[..., -1:], edge)], axis=-1)
 
 
 class ConvFixed(nn.Module):
@@ -88,13 +101,15 @@ class ConvDynamic(nn.Module):
     r_RxDh = self.param('kernel', layers.torch_uniform(2 * k + 1, ('kernel', 'kv')), (2 * k + 1, dh),
                         cfg.param_dtype)
     x_BxLxHxDh = k_BxLxHxDh if self.from_keys else q_BxLxHxDh
-    # Every position meets only the 2k+1 distinct taps; the LxL term is a gather of this small product.
+    # Every position meets only the 2k+1 distinct taps; the LxL term is this small product spread over the
+    # distances of each row (n's) and skewed (relative.skew), never a gather, whose scatter-add gradient
+    # the TPU compiler lays out with batch and heads last, padded to 128 lanes.
     s_BxHxLxR = jnp.einsum('bnhd,rd->bhnr', x_BxLxHxDh, jnp.asarray(r_RxDh, x_BxLxHxDh.dtype))
     s_BxHxLxR = s_BxHxLxR / jnp.sqrt(jnp.asarray(dh, s_BxHxLxR.dtype))
-    pos = np.arange(l)
-    idx_LxL = offset_taps(pos[None, :] - pos[:, None], k, self.from_keys)  # [i, j]: the tap of offset j - i
-    n = pos[None, :] if self.from_keys else pos[:, None]  # whose vector is read: key j or query i
-    return s_BxHxLxR[:, :, n, idx_LxL]  # [b, h, i, j] = s[b, h, n, idx[i, j]]
+    if self.from_keys:
+      # [b, h, i, j] = s[b, h, j, clip(i - j) + k]: the queries' form with i and j exchanged.
+      return jnp.swapaxes(skew(clipped_taps(s_BxHxLxR, l), l), -1, -2)
+    return skew(clipped_taps(s_BxHxLxR, l), l)  # [b, h, i, j] = s[b, h, i, clip(j - i) + k]
 
 
 _PAPER = 'Chang et al. 2021 (composite attention)'

@@ -116,8 +116,12 @@ class MultiHeadAttention(nn.Module):
     if table_HxR is not None and not fused:
       spread = offsets.spread(table_HxR, x_BxLxD.shape[1]).astype(cfg.dtype)
       bias = spread if bias is None else bias + spread
-    if bias is not None and bias.shape[0] == 1 and x_BxLxD.shape[0] > 1:
-      bias = layers.broadcast_batch(bias, x_BxLxD.shape[0])
+    if bias is not None:
+      # One rule for both unfused paths: the summed score terms in the compute dtype, added to the float32
+      # logits (bfloat16 training keeps a bfloat16 BxHxLxL bias for the backward pass, not a float32 one).
+      bias = bias.astype(cfg.dtype)
+      if bias.shape[0] == 1 and x_BxLxD.shape[0] > 1:
+        bias = layers.broadcast_batch(bias, x_BxLxD.shape[0])
     if fused:
       ctx_BxLxHxDh = flash.sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, scale=scale,
                                    interpret=flash.target_platform() == 'cpu')
@@ -125,7 +129,7 @@ class MultiHeadAttention(nn.Module):
       # XLA's (or cuDNN's / a TPU) fused kernel; HF-style key masking via `mask`.
       ctx_BxLxHxDh = jax.nn.dot_product_attention(
           q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh,
-          bias=None if bias is None else bias.astype(q_BxLxHxDh.dtype),
+          bias=bias,
           mask=mask_BxL[:, None, None, :], scale=scale)
     else:
       drop = nn.Dropout(cfg.attention_dropout)

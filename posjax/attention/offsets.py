@@ -11,7 +11,6 @@ the fused kernel (`posjax.attention.flash`); `posjax.analysis` reads learned ker
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -21,6 +20,7 @@ def distances(length: int) -> np.ndarray:
 
 
 def spread(table_HxR, length: int):
-  """bias_1xHxLxL with bias[0, h, i, j] = table[h, j - i + L - 1]."""
-  pos = jnp.arange(length)  # an iota under jit, not an LxL constant in the program
-  return table_HxR[:, pos[None, :] - pos[:, None] + length - 1][None]
+  """bias_1xHxLxL with bias[0, h, i, j] = table[h, j - i + L - 1], by reshapes (`relative.toeplitz`), not
+  an LxL gather, whose gradient the TPU compiler lays out poorly."""
+  from posjax.attention import relative  # pylint: disable=g-import-not-at-top
+  return relative.toeplitz(table_HxR, length)[None]

@@ -68,6 +68,20 @@ def _skew_bwd(width, r, d_xBxW):
 skew.defvjp(_skew_fwd, _skew_bwd)
 
 
+def toeplitz(v_xR, length: int):
+  """out[..., i, j] = v[..., (L-1) + j - i] for i, j < L = `length`: a term that depends on j - i only,
+  from its 2L-1 values at j - i = -(L-1)..L-1 (v_xR, R = 2L-1), as the skew of v repeated over L rows.
+
+  Not an index of v by an LxL array: the gradient of such a gather is a scatter-add, which the TPU compiler
+  lays out with v's leading axes (heads, batch) last, padded to 128 lanes: TISA's and T5's 1xHxLxL bias
+  took 32x its size in temporaries at H=4. Reshapes, a broadcast and their transposes (a sum) have no such
+  layout."""
+  *batch, r = v_xR.shape
+  if r != 2 * length - 1:
+    raise ValueError(f'toeplitz: {r} values for length {length}; needs 2L-1 = {2 * length - 1}')
+  return skew(jnp.broadcast_to(v_xR[..., None, :], (*batch, length, r)), length)
+
+
 @jax.custom_vjp
 def block_dot(x_NxMxDh, r_NxRxDh):
   """s[n, m, r] = x[n, m] . r[n, r]: each query block against its own distances."""

@@ -155,6 +155,34 @@ def _die_with_parent(worker_index: int, worker_count: int) -> None:
   threading.Thread(target=watch, name='posjax-parent-watch', daemon=True).start()
 
 
+class _OneDocument:
+  """`pieces.Pieces` of one made-up document: a single piece of `body` ordinary (non-special) tokens."""
+
+  def __init__(self, body: int, specials: pretrain.Specials):
+    self.body = body
+    self.piece = np.full(body, max(dataclasses.astuple(specials)) + 1, np.int32)
+
+  def __len__(self):
+    return 1
+
+  def __getitem__(self, i):
+    return self.piece
+
+  def document(self, i):
+    return 0
+
+
+def batch_spec(batch_size: int, seq_len: int, task: str | None,
+               masking: Masking) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{field: (shape, dtype)} of the global batches `train_dataset` makes for these settings, found by making
+  and masking one example of a made-up document with the pipeline's own code (no corpus needed): what an
+  ahead-of-time compile of the train step is given."""
+  examples = PieceExamples(_OneDocument(pretrain.body_length(seq_len, task), masking.specials), seq_len,
+                           masking.specials, task)
+  example = _Make(examples, masking, max_predictions_for(seq_len, masking))(0, np.random.default_rng(0))
+  return {k: ((batch_size,) + np.shape(v), np.asarray(v).dtype) for k, v in example.items()}
+
+
 def iterator(dataset: grain.MapDataset, worker_count: int = 0, prefetch: int = 4):
   """A checkpointable iterator (`get_state` / `set_state`) that prepares `prefetch` batches ahead in a
   thread; `worker_count` > 0 masks and batches in that many worker processes instead."""

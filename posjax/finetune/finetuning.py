@@ -93,31 +93,55 @@ def graft(fresh, pre, path='bert'):
   return np.asarray(pre, fresh.dtype)
 
 
+def encoder(config, pre):
+  """The pretrained model's encoder config, with the configured dropout, checked against data.seq_len."""
+  cfg = encoder_config(pre.config)
+  if config.hidden_dropout >= 0:
+    cfg = dataclasses.replace(cfg, hidden_dropout=config.hidden_dropout, attention_dropout=config.hidden_dropout)
+  if extrapolation.position_limit(cfg)[0] is not None and config.data.seq_len > cfg.max_position_embeddings:
+    raise ConfigError(f'data.seq_len ({config.data.seq_len}) exceeds the model\'s absolute position table '
+                      f'(max_position_embeddings {cfg.max_position_embeddings})')
+  return cfg
+
+
+def objective_and_optimizer(config, cfg, task, total: int):
+  """(objective, tx, lr schedule) of fine-tuning `cfg`'s encoder on `task` for `total` steps."""
+  lr = optimizer.warmup_linear_decay(config.learning_rate, round(config.warmup_fraction * total), total)
+  objective = Classification(Classifier(cfg, task.num_labels), config.data.seq_len, task.regression)
+  scales = None
+  if config.layer_decay < 1:
+    shapes = nn.unbox(jax.eval_shape(objective.init, jax.random.PRNGKey(0)))
+    scales = optim.layer_scales(shapes, cfg, config.layer_decay)
+  return objective, optimizer.make(config, lr, scales), lr
+
+
+def abstract_batches(config):
+  """(objective, tx, lr, {field: (shape, dtype)}) without the task's data, for `posjax.aot` (the pretrained
+  model is read from config.init_from for its shapes)."""
+  task = tasks_lib.get(config.task)
+  validate(config)
+  cfg = encoder(config, pretrained.load(config.init_from, config.tokenizer, need_tokenizer=False))
+  b, l = config.batch_size, config.data.seq_len
+  fields = {k: ((b, l), np.dtype(np.int32)) for k in ('ids', 'mask', 'type_ids')}
+  fields['labels'] = ((b,), np.dtype(np.float32 if task.regression else np.int32))
+  return (*objective_and_optimizer(config, cfg, task, max(config.num_train_steps, 1)), fields)
+
+
 def make_task(config, workdir: str) -> trainer.Task:
   task = tasks_lib.get(config.task)
   if config.init_from and os.path.abspath(config.init_from) == os.path.abspath(workdir):
     raise ConfigError('--workdir must differ from --config.init_from (fine-tuning writes its own checkpoints)')
   examples = data_lib.read_examples(task, config)  # bad files fail before any checkpoint is read
   pre = pretrained.load(config.init_from, config.tokenizer)
-  cfg = encoder_config(pre.config)
-  if config.hidden_dropout >= 0:
-    cfg = dataclasses.replace(cfg, hidden_dropout=config.hidden_dropout, attention_dropout=config.hidden_dropout)
+  cfg = encoder(config, pre)
   seq_len = config.data.seq_len
-  if extrapolation.position_limit(cfg)[0] is not None and seq_len > cfg.max_position_embeddings:
-    raise ConfigError(f'data.seq_len ({seq_len}) exceeds the model\'s absolute position table '
-                      f'(max_position_embeddings {cfg.max_position_embeddings})')
   logging.info('fine-tuning %s on %s', pre.source, task.name)
   train_x, dev_x, test_x = data_lib.encode_examples(task, config, pre.tokenizer, *examples)
 
   n = len(train_x['ids'])
   total = config.num_train_steps or max(1, math.ceil(config.num_epochs * max(n // config.batch_size, 1)))
   warmup = round(config.warmup_fraction * total)
-  lr = optimizer.warmup_linear_decay(config.learning_rate, warmup, total)
-  objective = Classification(Classifier(cfg, task.num_labels), seq_len, task.regression)
-  scales = None
-  if config.layer_decay < 1:
-    shapes = nn.unbox(jax.eval_shape(objective.init, jax.random.PRNGKey(0)))
-    scales = optim.layer_scales(shapes, cfg, config.layer_decay)
+  objective, tx, lr = objective_and_optimizer(config, cfg, task, total)
 
   latest = {}  # the last evaluation per dev set, for the task score
 
@@ -148,7 +172,7 @@ def make_task(config, workdir: str) -> trainer.Task:
            f'{seq_len}), warmup {warmup}',
       num_steps=total, objective=objective,
       train_iter=pipeline.iterator(pipeline.labelled_dataset(train_x, config.batch_size, config.seed)),
-      tx=optimizer.make(config, lr, scales), lr=lr,
+      tx=tx, lr=lr,
       model={**cfg.to_dict(), 'task': task.name, 'num_labels': task.num_labels},
       evaluate=evaluate, finish=finish,
       warm_start=lambda shapes: {k: graft(v, pre.params) if k == 'bert' else jax.tree.map(lambda _: None, v)

@@ -37,7 +37,8 @@ class Embeddings(nn.Module):
                           (cfg.vocab_size, cfg.embed_dim), cfg.param_dtype)
     type_TxE = self.param('token_type_embeddings', layers.init(cfg.initializer_range, ('type', 'embed')),
                           (cfg.type_vocab_size, cfg.embed_dim), cfg.param_dtype)
-    x_BxLxE = jnp.asarray(word_VxE, cfg.dtype)[ids_BxL] + jnp.asarray(type_TxE, cfg.dtype)[type_ids_BxL]
+    x_BxLxE = (layers.lookup(word_VxE, ids_BxL, 'vocab', cfg.dtype)
+               + layers.lookup(type_TxE, type_ids_BxL, 'type', cfg.dtype))
     pe = registry.parse(cfg.attention).position_embedding
     module = pe.build(cfg, name='position_embeddings') if pe is not None else None
     if module is not None:

@@ -11,7 +11,8 @@ instead of 1.92-2.52 s; ConvBERT, whose extra buffers churned more, went from 1.
 The costs: the process keeps its peak host memory until it exits, which a trainer or a benchmark does
 anyway, and compiling is slower (BERT-base: 6.2-8.3 s against 5.3-6.6 s, presumably one arena's lock shared
 by XLA's compiler threads), repaid within the first ten steps. So it is applied only where the computation
-runs on the CPU (an accelerator's buffers live on the device), and by programs (train.py, bench/run.py,
+runs on the CPU (an accelerator's buffers live on the device: decided by the platforms JAX is asked for, else
+by the accelerators present, not by the libraries installed), and by programs (train.py, bench/run.py,
 `python -m posjax.compare`, `python -m posjax.analysis.extrapolation`, the quickstart notebook), not on
 import. It must run before JAX initialises its backend: threads that have already allocated keep their
 arenas (called after `jax.devices()`, it left the page faults as they were). Called later, it does
@@ -37,22 +38,43 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _ENV = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_MMAP_THRESHOLD_')
 
 
+def _plugin_has_hardware(name: str) -> bool:
+  """Whether the accelerator an installed PJRT plugin (jax_plugins module or entry point `name`) drives is
+  present. Unknown plugins are assumed present."""
+  if 'cuda' in name:
+    return any(os.path.exists(d) for d in ('/dev/nvidia0', '/dev/nvidiactl', '/dev/dxg'))
+  if 'rocm' in name:
+    return os.path.exists('/dev/kfd')
+  return True
+
+
+def _tpu_chips() -> int:
+  """TPU chips on this machine's PCI bus, as JAX counts them before loading libtpu (libtpu installed on a
+  machine without TPUs runs nothing: it only lets the machine compile for TPU topologies)."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0]
+  except Exception:  # pylint: disable=broad-except  (a JAX without it: assume a TPU)
+    return 1
+
+
 def _accelerator_possible() -> bool:
-  """Whether JAX may pick a GPU or TPU, judged without initialising a backend: the platforms asked for
-  (JAX_PLATFORMS; `cpu` alone makes it certain), else a PJRT plugin named in the environment, a TPU library,
-  or an installed PJRT plugin package (CUDA, ROCm, ...)."""
+  """Whether JAX's backend may be a GPU or TPU, judged without starting it (mallopt must come first): the
+  platforms asked for (JAX_PLATFORMS; `cpu` alone makes it certain), else what JAX would find: a PJRT plugin
+  named in the environment, TPU chips (with libtpu or TPU_LIBRARY_PATH), or the GPU of an installed PJRT
+  plugin package (CUDA, ROCm; others are assumed to find theirs)."""
   asked = jax.config.jax_platforms
   if asked:
     return any(p.strip() not in ('', 'cpu') for p in asked.split(','))
-  if os.environ.get('PJRT_NAMES_AND_LIBRARY_PATHS') or os.environ.get('TPU_LIBRARY_PATH'):
+  if os.environ.get('PJRT_NAMES_AND_LIBRARY_PATHS'):
     return True
   try:
-    if importlib.util.find_spec('libtpu') is not None:
+    if (importlib.util.find_spec('libtpu') is not None or os.environ.get('TPU_LIBRARY_PATH')) and _tpu_chips():
       return True
     plugins = importlib.util.find_spec('jax_plugins')  # the namespace package PJRT plugins install into
-    if plugins is not None and any(pkgutil.iter_modules(plugins.submodule_search_locations or [])):
-      return True
-    return bool(importlib.metadata.entry_points(group='jax_plugins'))
+    names = [m.name for m in pkgutil.iter_modules(plugins.submodule_search_locations or [])] if plugins else []
+    names += [e.name for e in importlib.metadata.entry_points(group='jax_plugins')]
+    return any(_plugin_has_hardware(n) for n in names)
   except Exception:  # pylint: disable=broad-except  (an odd installation: assume an accelerator)
     return True
 

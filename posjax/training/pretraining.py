@@ -84,13 +84,33 @@ def check_model(config) -> None:
   jax.eval_shape(lambda: Bert(probe).init(jax.random.PRNGKey(0), ids))
 
 
+def objective_and_optimizer(config, vocab_size: int, max_predictions: int, specials):
+  """(objective, tx, lr schedule): what the train step is built from, given the vocabulary and the batches'
+  predictions (the data seam's, or an ahead-of-time compile's stand-ins)."""
+  objective = objectives.make(config, model_config(config, vocab_size), config.data.seq_len, max_predictions,
+                              forbidden_ids=(specials.pad, specials.cls, specials.sep))
+  return objective, optimizer.make(config), optimizer.schedule(config)
+
+
+def abstract_batches(config):
+  """(objective, tx, lr, {field: (shape, dtype)}) without any data, for `posjax.aot`: a newly trained
+  vocabulary's special ids and size (model.vocab_size when set), the batch fields the pipeline would make."""
+  from posjax.data import pretrain  # pylint: disable=g-import-not-at-top
+  from posjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  validate(config)
+  specials = pretrain.Specials.from_tokenizer_ids({t: i for i, t in enumerate(tokenizer_lib.SPECIAL_TOKENS)})
+  vocab = config.model.vocab_size or config.data.vocab_size
+  masking = pipeline.Masking(specials, vocab, config.data.mask_prob, config.data.max_predictions)
+  fields = pipeline.batch_spec(config.batch_size, config.data.seq_len, inputs.PAIR_TASKS.get(config.objective),
+                               masking)
+  return (*objective_and_optimizer(config, vocab, fields['positions'][0][1], specials), fields)
+
+
 def make_task(config, workdir: str) -> trainer.Task:
   check_model(config)
   data = inputs.get_datasets(config, workdir)
   mcfg = model_config(config, data.vocab_size)
-  specials = data.specials
-  objective = objectives.make(config, mcfg, config.data.seq_len, data.max_predictions,
-                              forbidden_ids=(specials.pad, specials.cls, specials.sep))
+  objective, tx, lr = objective_and_optimizer(config, data.vocab_size, data.max_predictions, data.specials)
   # Compute dtype, remat policy and attention implementation leave the parameters as they are: a run may resume
   # with others.
   model = {**{k: v for k, v in mcfg.to_dict().items() if k not in ('dtype', 'remat_policy', 'attention_impl')},
@@ -104,7 +124,7 @@ def make_task(config, workdir: str) -> trainer.Task:
            f'{mcfg.num_layers} layers, width {mcfg.hidden_size}, {mcfg.num_heads} heads, length '
            f'{config.data.seq_len}, batch {config.batch_size}, {config.num_train_steps} steps',
       num_steps=config.num_train_steps, objective=objective, train_iter=pipeline.iterator(data.train, config.data.worker_count),
-      tx=optimizer.make(config), lr=optimizer.schedule(config), model=model, evaluate=evaluate,
+      tx=tx, lr=lr, model=model, evaluate=evaluate,
       meta={'tokenizer_sha256': checkpoint.file_digest(os.path.join(workdir, 'tokenizer.json'))})
 
 

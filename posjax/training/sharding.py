@@ -30,10 +30,30 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_config) -> Mesh:
-  shape = mesh_shape(mesh_config, jax.device_count())
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """`config.mesh` over `devices` (default: all of JAX's), in an order that suits the interconnect.
+
+  Devices of several TPU slices (multi-slice: slices joined by the data-centre network, DCN) get the data
+  axis across slices: each slice holds `data / slices` of its rows and whole fsdp and tensor axes, so only
+  the data-parallel gradient reduction crosses DCN."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
   # Linen's logical partitioning works with Auto axes; make_mesh's default is Explicit.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(d, 'slice_index', 0) or 0 for d in devices})
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  if slices == 1:
+    try:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except ValueError:  # no mapping of whole torus axes to mesh axes (e.g. a 3-D torus): split them
+      return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), MESH_AXES,
+                  axis_types=axis_types)
+  if shape[0] % slices:
+    raise ConfigError(f'mesh: the data axis ({shape[0]}) must be a multiple of the number of slices ({slices}): '
+                      'slices are joined by the data-centre network, which only the data-parallel reduction '
+                      f'crosses; mesh {dict(zip(MESH_AXES, shape))}')
+  grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices,) + shape[1:], (slices, 1, 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def rules(config) -> tuple[tuple[str, object], ...]:
@@ -48,14 +68,14 @@ def rules(config) -> tuple[tuple[str, object], ...]:
   return out
 
 
-def _axis_size(mesh: Mesh, axis) -> tuple[int, str]:
+def axis_size(mesh: Mesh, axis) -> tuple[int, str]:
   axes = [a for a in (axis if isinstance(axis, tuple) else (axis,)) if a is not None]
   return math.prod(mesh.shape[a] for a in axes), ' x '.join(f'{a}={mesh.shape[a]}' for a in axes)
 
 
 def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh, rule_table) -> None:
   """Each micro-batch must split evenly over the mesh axes the `batch` rule names."""
-  n, named = _axis_size(mesh, dict(rule_table).get('batch'))
+  n, named = axis_size(mesh, dict(rule_table).get('batch'))
   if batch_size % (grad_accum_steps * n):
     raise ConfigError(f'batch_size ({batch_size}) must be divisible by grad_accum_steps ({grad_accum_steps}) '
                       f'x the mesh axes the batch is split over ({named or "none"}: {n}) = '
@@ -73,7 +93,7 @@ def check_params(abstract_params, mesh: Mesh, rule_table) -> None:
       continue
     mesh_axes = nn.logical_to_mesh_axes(leaf.names, rule_table)
     for size, name, axis in zip(leaf.value.shape, leaf.names, mesh_axes):
-      n, named = _axis_size(mesh, axis)
+      n, named = axis_size(mesh, axis)
       if size % n:
         where = '/'.join(str(getattr(k, 'key', k)) for k in path)
         hint = ''

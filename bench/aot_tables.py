@@ -1,0 +1,177 @@
+"""TPU tables from ahead-of-time compiles of the real train step on this host (posjax.aot; libtpu, no TPU).
+
+    python bench/aot_tables.py models      # BERT-base/-large, ALBERT-xxlarge, ELECTRA-large, ConvBERT-base
+    python bench/aot_tables.py variants    # memory of each attention variant against absolute, base size
+
+`models`: each model at L128 and L512 on v5e-8, v4-32 and v5p-64 with the recommended mesh (FSDP over every
+chip: parameters and AdamW state split, batch split over all chips), bfloat16, scanned layers, batch 256:
+memory per chip and whether it fits, then the largest global batch that fits (`compile.find_max_batch`,
+at most --max_compiles compiles; a bracket left open is marked >=) and the estimated MFU there.
+`variants`: BERT-base on v5e-4 (data parallel, 4 chips), L512 batch 32 and L2048 batch 8: temporaries and
+total memory per chip, and their ratio to `absolute`.
+
+Rows are kept in bench/results/aot_{models,variants}.json as they finish (a row already there is not
+compiled again; delete the file to start over) and the tables written to bench/results/aot_*.md.
+Compiles of these sizes take minutes each on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'bench', 'results')
+GiB = 2 ** 30
+
+MODELS = [('BERT-base', 'bert', 'base'), ('BERT-large', 'bert', 'large'), ('ALBERT-xxlarge', 'albert', 'xxlarge'),
+          ('ELECTRA-large', 'electra', 'large'), ('ConvBERT-base', 'convbert', 'base')]
+TOPOLOGIES = ('v5e-8', 'v4-32', 'v5p-64')
+COSTS = 2  # version of posjax.aot's byte count behind the MFU column (2: in-place slices count their slice)
+VARIANTS = ('absolute', 'tisa', 'relative_key_query', 'none+convfixed+convq+convk', 'absolute+convbert')
+
+
+def config(module: str, arg: str, seq_len: int, batch: int, mesh=(1, -1, 1)):
+  spec = importlib.util.spec_from_file_location(f'configs_{module}', os.path.join(ROOT, 'configs', f'{module}.py'))
+  m = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(m)
+  c = m.get_config(arg)
+  c.model.dtype = 'bfloat16'
+  c.model.scan_layers = True
+  c.data.seq_len = seq_len
+  c.model.max_position_embeddings = max(c.model.max_position_embeddings, seq_len)
+  c.batch_size = batch
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  return c
+
+
+def _load(path):
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {}
+
+
+def _save(path, rows):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(rows, f, indent=1)
+
+
+def models(args):
+  from posjax.aot import compile as compile_lib, topology  # pylint: disable=g-import-not-at-top
+  path = os.path.join(RESULTS, 'aot_models.json')
+  rows = _load(path)
+  for spec in args.topologies:
+    topo = topology.parse(spec)
+    devices = topology.devices(topo)
+    for label, module, arg in MODELS:
+      for seq_len in args.lengths:
+        key = f'{label} L{seq_len} {spec}'
+        c = config(module, arg, seq_len, args.batch)
+        if key in rows and rows[key].get('costs') != COSTS:  # MFU from an older cost count: recompute it
+          row = rows[key]
+          if row['largest']:
+            best = c.copy_and_resolve_references()
+            best.batch_size = row['largest']
+            r = compile_lib.report(compile_lib.compile_train_step(best, devices), topo.chip, topo.name)
+            row['largest_mfu'] = r['roofline']['mfu']
+          row.pop('mfu', None)
+          row['costs'] = COSTS
+          _save(path, rows)
+        if key in rows:
+          continue
+        row = {'model': label, 'L': seq_len, 'topology': spec, 'mesh': 'fsdp', 'batch': args.batch, 'costs': COSTS}
+        t = time.perf_counter()
+        try:
+          compiled = compile_lib.compile_train_step(c, devices)
+          r = compile_lib.report(compiled, topo.chip, topo.name)
+          m = r['memory_per_chip']
+          row.update(fits=m['fits'], memory_gib=m['total'] / GiB, mfu=r['roofline']['mfu'],
+                     compile_s=r['compile_s'], parameters=r['model']['parameters'], warnings=len(r['warnings']))
+          known = {args.batch: compiled}
+        except compile_lib.DoesNotFit:
+          row.update(fits=False, compile_s=time.perf_counter() - t)
+          known = {args.batch: None}
+        print(key, row, flush=True)
+        try:
+          best, tried = compile_lib.find_max_batch(c, devices, topo.chip, max_compiles=args.max_compiles,
+                                                   known=known, log=lambda s: print('  ', s, flush=True))
+        except compile_lib.DoesNotFit:
+          row.update(largest=0, tried=[], largest_exact=True, largest_mfu=None)
+        else:
+          largest = best.config.batch_size
+          r = compile_lib.report(best, topo.chip, topo.name)
+          # Exact when the next multiple of the divisor was found not to fit.
+          exact = largest + r['batch']['divisor'] in set(tried) | {args.batch}
+          row.update(largest=largest, tried=tried, largest_exact=exact, largest_mfu=r['roofline']['mfu'],
+                     largest_memory_gib=r['memory_per_chip']['total'] / GiB)
+        rows[key] = row
+        _save(path, rows)
+  table = ['| model | L | topology (chips) | batch 256: fits, GiB/chip | largest batch | est. MFU there | '
+           'compile (s) |', '|---|---|---|---|---|---|---|']
+  for row in rows.values():
+    fits = (f'yes, {row["memory_gib"]:.1f}' if row.get('fits') else
+            (f'no, {row["memory_gib"]:.1f}' if 'memory_gib' in row else 'no'))
+    largest = ('' if row.get('largest_exact') else '>= ') + str(row['largest'])
+    mfu = f'{100 * row["largest_mfu"]:.0f}%' if row['largest_mfu'] else '-'
+    table.append(f'| {row["model"]} | {row["L"]} | {row["topology"]} | {fits} | {largest} | {mfu} | '
+                 f'{row["compile_s"]:.0f} |')
+  return '\n'.join(table)
+
+
+def variants(args):
+  from posjax.aot import compile as compile_lib, topology  # pylint: disable=g-import-not-at-top
+  path = os.path.join(RESULTS, 'aot_variants.json')
+  rows = _load(path)
+  topo = topology.parse('v5e-4')
+  devices = topology.devices(topo)
+  for seq_len, batch in ((512, 32), (2048, 8)):
+    for variant in args.variants:
+      key = f'{variant} L{seq_len}'
+      if key in rows:
+        continue
+      c = config('bert', f'base,{variant}', seq_len, batch, mesh=(4, 1, 1))
+      compiled = compile_lib.compile_train_step(c, devices)
+      m = compile_lib.report_memory(compiled.compiled)
+      rows[key] = {'variant': variant, 'L': seq_len, 'batch': batch, 'temp_gib': m['temp'] / GiB,
+                   'total_gib': m['total'] / GiB, 'compile_s': compiled.compile_s}
+      print(key, rows[key], flush=True)
+      _save(path, rows)
+  table = ['| variant | L512: temporaries GiB/chip (x absolute) | total | L2048: temporaries (x absolute) | total |',
+           '|---|---|---|---|---|']
+  for variant in args.variants:
+    cells = []
+    for seq_len in (512, 2048):
+      row, base = rows.get(f'{variant} L{seq_len}'), rows.get(f'absolute L{seq_len}')
+      cells += ([f'{row["temp_gib"]:.2f} ({row["temp_gib"] / base["temp_gib"]:.2f}x)', f'{row["total_gib"]:.2f}']
+                if row and base else ['-', '-'])
+    table.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(table)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('table', choices=('models', 'variants'))
+  ap.add_argument('--lengths', default='128,512', type=lambda s: [int(x) for x in s.split(',')])
+  ap.add_argument('--topologies', default=','.join(TOPOLOGIES), type=lambda s: s.split(','))
+  ap.add_argument('--variants', default=','.join(VARIANTS), type=lambda s: s.split(','))
+  ap.add_argument('--batch', default=256, type=int)
+  ap.add_argument('--max_compiles', default=4, type=int, help='per largest-batch search')
+  args = ap.parse_args(argv)
+  sys.path.insert(0, ROOT)
+  text = models(args) if args.table == 'models' else variants(args)
+  with open(os.path.join(RESULTS, f'aot_{args.table}.md'), 'w') as f:
+    f.write(text + '\n')
+  print(text)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,21 @@
+"""Compile posjax's train step for a TPU topology on this host (no TPU needed) and report per chip.
+
+    python -m posjax.aot --config=bert:large,tisa --topology=v5e-64 [--num_slices=2]
+        [--find_max_batch] [--dump_hlo=DIR] [--report_json=FILE] [--config.FIELD=VALUE ...]
+
+The step is the trainer's own (`train.py --compile_only=TOPOLOGY` does the same): `config.mesh` laid over
+the topology's chips, the state and batch shardings, optimizer update, gradient accumulation, scan/remat and
+compute dtype as configured. The report: memory per chip against HBM, HLO FLOPs and bytes, a roofline step
+time and estimated MFU, the collectives with their ICI traffic, compile time, and the compiler's warnings.
+Needs libtpu (posjax's `test` extra installs it); JAX runs on the CPU (JAX_PLATFORMS=cpu is set unless given).
+"""
+
+import os
+import sys
+
+if __name__ == '__main__':
+  # The compile targets a TPU topology's devices; JAX itself runs on the CPU (with libtpu installed it would
+  # otherwise probe for a TPU at start-up).
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  from posjax.aot import cli  # pylint: disable=g-import-not-at-top
+  sys.exit(cli.main(sys.argv[1:]))
