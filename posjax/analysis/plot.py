@@ -34,9 +34,11 @@ def plot(run_dir: str, out: str = '') -> str:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog='python -m posjax.analysis.plot', description=__doc__.splitlines()[2])
-  ap.add_argument('run_dir', metavar='RUN_DIR', help='a posjax training workdir (pretraining or fine-tuning)')
-  ap.add_argument('--out', default='', help=f'the PNG to write (default: RUN_DIR/{FILE})')
+  ap = argparse.ArgumentParser(prog='python -m posjax.analysis.plot',
+                               description="Draws a run's losses, metrics and learning rate from its "
+                                           'metrics.jsonl as one PNG.')
+  ap.add_argument('run_dir', metavar='RUN_DIR', help='A posjax training workdir, of pretraining or fine-tuning.')
+  ap.add_argument('--out', default='', help=f'The PNG file to write; RUN_DIR/{FILE} by default.')
   args = ap.parse_args(argv)
   try:
     path = plot(args.run_dir, args.out)

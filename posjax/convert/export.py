@@ -174,13 +174,16 @@ def export(run_dir: str, out_dir: str, step: int | None = None) -> dict[str, str
 
 
 def main(argv=None) -> int:
-  lines = __doc__.splitlines()
-  ap = argparse.ArgumentParser(prog='python -m posjax.convert.export', description=lines[2],
-                               epilog='ELECTRA and ConvBERT runs give OUT_DIR/generator (fill-mask) and '
-                                      'OUT_DIR/discriminator (fine-tuning).')
-  ap.add_argument('run_dir', metavar='RUN_DIR', help='a posjax pretraining workdir (train.py --workdir)')
-  ap.add_argument('out_dir', metavar='OUT_DIR', help='a new or empty directory for the Hugging Face files')
-  ap.add_argument('--step', type=int, default=None, help='the checkpoint step to export (default: the latest)')
+  ap = argparse.ArgumentParser(prog='python -m posjax.convert.export',
+                               description='Writes a posjax pretraining workdir as Hugging Face directories that '
+                                           'AutoTokenizer, AutoModelForMaskedLM and pipeline("fill-mask") load '
+                                           'as they are.',
+                               epilog='BERT and ALBERT runs are written to OUT_DIR; ELECTRA and ConvBERT runs give '
+                                      'OUT_DIR/generator (for fill-mask) and OUT_DIR/discriminator (for '
+                                      'fine-tuning).')
+  ap.add_argument('run_dir', metavar='RUN_DIR', help='The posjax pretraining workdir to export (what train.py wrote to --workdir).')
+  ap.add_argument('out_dir', metavar='OUT_DIR', help='A new or empty directory for the Hugging Face files.')
+  ap.add_argument('--step', type=int, default=None, help='The checkpoint step to export; the latest by default.')
   args = ap.parse_args(argv)
   try:
     dirs = export(args.run_dir, args.out_dir, args.step)
