@@ -132,7 +132,7 @@ def test_quickstart(kernel_env):
 def test_analysis(kernel_env):
   nb = execute('analysis.ipynb')
   text = outputs_text(nb)
-  assert 'hf:bert absolute 2 layers 2 heads' in text
+  assert 'Hugging Face bert checkpoint' in text and 'absolute 2 layers 2 heads' in text  # ck.source, ...
   assert 'Toeplitz matrix      1.0' in text
   figures = kernel_env / 'figures'
   for name in ('positional_attention.png', 'kernels.png', 'embedding_gram.png', 'attention_maps.png'):
