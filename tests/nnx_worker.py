@@ -2,7 +2,6 @@
 `nnx.Optimizer` under `nnx.jit`. tests/test_nnx.py trains it in its own process on one device, and runs this
 file in a process with 4 CPU devices to train it on a 2x2 mesh."""
 
-import os
 import sys
 
 import flax.linen as nn
@@ -80,12 +79,11 @@ def main(out):
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
     model = build()
     created = tuple(model.attention.query['kernel'][...].sharding.spec)
-    put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(('batch',))))  # noqa: E731
-    sharded = train(model, put=put)
+    batch_sharding = jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(('batch',)))
+    sharded = train(model, put=lambda x: jax.device_put(x, batch_sharding))
     trained = tuple(model.attention.convbert['conv_out']['kernel'][...].sharding.spec)
   np.savez(out, sharded=sharded, created=np.array(created, str), trained=np.array(trained, str))
 
 
 if __name__ == '__main__':
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  main(sys.argv[1])
+  main(sys.argv[1])  # run by tests/test_nnx.py with XLA_FLAGS giving 4 CPU devices

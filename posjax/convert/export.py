@@ -181,7 +181,8 @@ def main(argv=None) -> int:
                                epilog='BERT and ALBERT runs are written to OUT_DIR; ELECTRA and ConvBERT runs give '
                                       'OUT_DIR/generator (for fill-mask) and OUT_DIR/discriminator (for '
                                       'fine-tuning).')
-  ap.add_argument('run_dir', metavar='RUN_DIR', help='The posjax pretraining workdir to export (what train.py wrote to --workdir).')
+  ap.add_argument('run_dir', metavar='RUN_DIR',
+                  help='The posjax pretraining workdir to export (what train.py wrote to --workdir).')
   ap.add_argument('out_dir', metavar='OUT_DIR', help='A new or empty directory for the Hugging Face files.')
   ap.add_argument('--step', type=int, default=None, help='The checkpoint step to export; the latest by default.')
   args = ap.parse_args(argv)

@@ -1,8 +1,9 @@
 """Hugging Face ALBERT <-> posjax: `import_albert(dir)` and `export_albert(config, params, dir)`.
 
 Reads `AlbertModel`, `AlbertForMaskedLM` and `AlbertForPreTraining` checkpoints and writes
-`AlbertForPreTraining` ones (`AlbertForMaskedLM` for a model without the sentence-order head). ALBERT's layer groups map to posjax's shared layers (`layer_groups`,
-`inner_group_size`); its relative position terms are added after scaling (`relative_scaled=False`).
+`AlbertForPreTraining` ones (`AlbertForMaskedLM` for a model without the sentence-order head). ALBERT's layer
+groups map to posjax's shared layers (`layer_groups`, `inner_group_size`); its relative position terms are
+added after scaling (`relative_scaled=False`).
 """
 
 from __future__ import annotations
