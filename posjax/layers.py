@@ -12,22 +12,70 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from flax import nnx
+from flax.core import meta
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 
+class LogicalAxes(nn.LogicallyPartitioned):
+  """The logical-axis box on every posjax parameter: an `nn.LogicallyPartitioned` (the trainer, `nn.unbox`,
+  `nn.get_partition_spec` and `nn.logical_to_mesh_sharding` read it as one) that also works where users put
+  posjax modules:
+
+  - under `nn.vmap`/`nn.scan` without `metadata_params={nn.PARTITION_NAME: ...}` the new axis is unnamed
+    (replicated), as with `PARTITION_NAME: None`, instead of flax's PartitioningUnspecifiedError; a given
+    name (the encoder's scan passes `layers`) is used as before;
+  - through `nnx.bridge.ToNNX` the NNX variable keeps the logical names as its `out_sharding` and is placed
+    on the mesh only when there is one and logical-axis rules to map the names onto it, as linen does:
+    NNX's eager sharding would otherwise demand a mesh for any annotated variable ("An auto mesh context or
+    metadata is required"). Names the rules do not map stay unsharded (linen's fallback).
+  """
+
+  def add_axis(self, index: int, params: dict[Any, Any]) -> LogicalAxes:
+    names = list(self.names)
+    names[index:index] = [None] * (index - len(names)) + [params.get(nn.PARTITION_NAME)]
+    return self.replace(names=tuple(names))
+
+  def remove_axis(self, index: int, params: dict[Any, Any]) -> LogicalAxes:
+    names = list(self.names)
+    names.pop(index)
+    return self.replace(names=tuple(names))
+
+  def to_nnx_metadata(self) -> dict[str, Any]:
+    metadata = {'value': self.value, 'out_sharding': self.names, 'sharding_rules': self.rules,
+                'mesh': self.mesh, 'eager_sharding': False}
+    mesh = self.mesh or meta.get_global_mesh()
+    rules = self.rules or nn.get_logical_axis_rules()
+    if nnx.using_eager_sharding() and mesh is not None and rules:
+      spec = nn.logical_to_mesh_axes(self.names, rules)
+      sharding = jax.sharding.NamedSharding(mesh, spec)
+      metadata['value'] = (jax.sharding.reshard(self.value, sharding) if mesh.are_all_axes_explicit
+                           else jax.lax.with_sharding_constraint(self.value, sharding))
+    return metadata
+
+
+def logical(fn, names: Sequence[str | None]):
+  """An initializer whose value is boxed with logical axis names (`LogicalAxes`)."""
+  names = tuple(names)
+
+  def init(*args, **kwargs):
+    return LogicalAxes(fn(*args, **kwargs), names)
+  return init
+
+
 def init(stddev: float, names: Sequence[str | None]):
   """BERT's truncated-normal-free N(0, stddev) init, annotated with logical axis names."""
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev), tuple(names))
+  return logical(nn.initializers.normal(stddev), names)
 
 
 def zeros(names: Sequence[str | None]):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
+  return logical(nn.initializers.zeros_init(), names)
 
 
 def ones(names: Sequence[str | None]):
-  return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
+  return logical(nn.initializers.ones_init(), names)
 
 
 def torch_uniform(fan_in: int, names: Sequence[str | None]):
@@ -37,7 +85,7 @@ def torch_uniform(fan_in: int, names: Sequence[str | None]):
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return nn.with_logical_partitioning(init, tuple(names))
+  return logical(init, names)
 
 
 def zero_padding(x_BxLx, mask_BxL):

@@ -1,5 +1,6 @@
 """Matplotlib figures (Agg backend: no display needed) of kernels, positional attention, attention maps and
-loss curves. Each function draws one figure, writes it to `path` (PNG) and returns the path."""
+loss curves. Each function draws one figure, writes it to `path` (PNG) and returns the path. Heatmaps carry a
+colour bar each (heads differ in range)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,18 @@ def _save(fig, path: str) -> str:
 
 
 def _grid(rows: int, cols: int, size=(2.6, 2.4)):
-  fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+  # Constrained layout makes room for every panel's title, tick labels and colour bar and the figure's title,
+  # so none overlaps its neighbours.
+  fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False,
+                           layout='constrained')
   return fig, axes
+
+
+def _colorbar(fig, image, ax, label: str = ''):
+  bar = fig.colorbar(image, ax=ax, shrink=0.85)
+  bar.ax.tick_params(labelsize=6)
+  if label:
+    bar.set_label(label, fontsize=7)
 
 
 def kernels(layers: list[dict], path: str, title: str = '') -> str:
@@ -44,7 +55,7 @@ def kernels(layers: list[dict], path: str, title: str = '') -> str:
     if layer and li == 0:
       ax.legend(fontsize=6, ncol=2)
   if title:
-    fig.suptitle(title, fontsize=10, y=1.03)
+    fig.suptitle(title, fontsize=10)
   return _save(fig, path)
 
 
@@ -52,7 +63,6 @@ def tables(layers: list[dict], path: str, title: str = '') -> str:
   """Rows = layers, columns = terms: each `convq`/`convk` table as channels against the offset d = j - i."""
   names = sorted({name for layer in layers for name in layer})
   fig, axes = _grid(max(len(layers), 1), max(len(names), 1), size=(4.0, 2.8))
-  fig.subplots_adjust(hspace=0.7)
   for li, layer in enumerate(layers):
     for ci, name in enumerate(names):
       ax = axes[li][ci]
@@ -61,20 +71,22 @@ def tables(layers: list[dict], path: str, title: str = '') -> str:
         continue
       t = layer[name]
       d, top = t.offsets_R, float(np.abs(t.values_RxDh).max()) or 1.0
-      ax.imshow(t.values_RxDh.T, cmap='RdBu_r', vmin=-top, vmax=top, aspect='auto', interpolation='nearest',
-                extent=(d[0] - 0.5, d[-1] + 0.5, t.values_RxDh.shape[1] - 0.5, -0.5))
+      image = ax.imshow(t.values_RxDh.T, cmap='RdBu_r', vmin=-top, vmax=top, aspect='auto',
+                        interpolation='nearest', extent=(d[0] - 0.5, d[-1] + 0.5, t.values_RxDh.shape[1] - 0.5, -0.5))
+      _colorbar(fig, image, ax, 'added to q.r or k.r')
       ax.set_title(f'layer {li} {name}', fontsize=8)
       ax.set_xlabel('offset d = j - i (key - query)', fontsize=7)
       ax.set_ylabel('channel', fontsize=7)
       ax.tick_params(labelsize=6)
   if title:
-    fig.suptitle(title, fontsize=10, y=1.03)
+    fig.suptitle(title, fontsize=10)
   return _save(fig, path)
 
 
 def heatmaps(mats_LxHxNxM: list[np.ndarray], path: str, title: str = '', labels=None, scores=None,
-             tokens: list[str] | None = None) -> str:
-  """A grid of heatmaps, rows = layers, columns = heads; `scores[l][h]` goes in the panel title."""
+             tokens: list[str] | None = None, value: str = '') -> str:
+  """A grid of heatmaps, rows = layers, columns = heads; `scores[l][h]` goes in the panel title, `value`
+  (what the colours measure) beside the colour bars."""
   rows = len(mats_LxHxNxM)
   cols = max(m.shape[0] for m in mats_LxHxNxM) if rows else 1
   big = tokens is not None and len(tokens) > 12
@@ -85,7 +97,8 @@ def heatmaps(mats_LxHxNxM: list[np.ndarray], path: str, title: str = '', labels=
       if h >= m.shape[0]:
         ax.axis('off')
         continue
-      ax.imshow(m[h], cmap='viridis', aspect='equal', interpolation='nearest')
+      image = ax.imshow(m[h], cmap='viridis', aspect='equal', interpolation='nearest')
+      _colorbar(fig, image, ax, value)
       name = labels[li] if labels else f'layer {li}'
       t = f'{name} head {h}'
       if scores is not None:
@@ -99,7 +112,7 @@ def heatmaps(mats_LxHxNxM: list[np.ndarray], path: str, title: str = '', labels=
       else:
         ax.tick_params(labelsize=6)
   if title:
-    fig.suptitle(title, fontsize=10, y=1.03)
+    fig.suptitle(title, fontsize=10)
   return _save(fig, path)
 
 
@@ -117,4 +130,41 @@ def loss_curves(runs: dict[str, dict[str, list]], path: str, title: str = '') ->
   ax.grid(alpha=0.3)
   if title:
     ax.set_title(title, fontsize=10)
+  return _save(fig, path)
+
+
+def run_curves(rows: list[dict], path: str, title: str = '') -> str:
+  """One run's metrics.jsonl rows against the step, in up to three panels: the losses, the other metrics
+  (accuracies, a GLUE task's dev metrics, ...) and the learning rate. A training metric is a line,
+  its held-out `eval_*` twin markers of the same colour; a part of the loss equal to the whole (`mlm_loss` of
+  an MLM-only run) is left out."""
+  def series(k):
+    return [(r['step'], r[k]) for r in rows if r.get(k) is not None]
+
+  keys = sorted({k for r in rows for k in r if k not in ('step', 'time')})
+  base = lambda k: k[len('eval_'):] if k.startswith('eval_') else k  # noqa: E731
+  whole = {k: series(k) for k in ('loss', 'eval_loss')}
+  losses = [k for k in keys if base(k) == 'loss' or (
+      k.endswith('_loss') and series(k) != whole['eval_loss' if k.startswith('eval_') else 'loss'])]
+  others = [k for k in keys if not k.endswith('loss') and base(k) not in ('learning_rate', 'grad_norm',
+                                                                        'skipped_updates')]
+  panels = [(t, names) for t, names in (('loss', losses), ('metrics', others),
+                                        ('learning rate', [k for k in keys if k == 'learning_rate'])) if names]
+  fig, axes = _grid(1, max(len(panels), 1), size=(4.6, 3.4))
+  for ax, (panel, names) in zip(axes[0], panels):
+    names = sorted(names, key=lambda k: (base(k) != 'loss', base(k), k.startswith('eval_')))
+    colours = {b: f'C{i % 10}' for i, b in enumerate(dict.fromkeys(map(base, names)))}
+    for k in names:
+      steps, values = zip(*series(k))
+      held_out = k.startswith('eval_')
+      ax.plot(steps, values, 'o--' if held_out or len(steps) == 1 else '-', color=colours[base(k)], ms=4,
+              lw=1.6 if base(k) == 'loss' else 1.0, label=f'{base(k)} ({"held-out" if held_out else "train"})')
+    ax.set_title(panel, fontsize=9)
+    ax.set_xlabel('step', fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if panel != 'learning rate':
+      ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=10)
   return _save(fig, path)

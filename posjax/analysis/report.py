@@ -50,7 +50,7 @@ def analyze(ck: Checkpoint, out: str, length: int | None = None, sentence: str =
     pa = kernels_lib.positional_attention(cfg, params, n)
     files.append(plots.heatmaps(pa, os.path.join(out, 'positional_attention.png'),
                                 f'positional attention (no content, no softmax): {name}',
-                                scores=s['positional_attention']))
+                                scores=s['positional_attention'], value='logit from position alone'))
   tables = kernels_lib.relative_tables(cfg, params, n)
   if any(tables):
     files.append(plots.tables(tables, os.path.join(out, 'relative_tables.png'),
@@ -58,12 +58,13 @@ def analyze(ck: Checkpoint, out: str, length: int | None = None, sentence: str =
   p_NxD = kernels_lib.position_embeddings(cfg, params, n)
   if p_NxD is not None:
     files.append(plots.heatmaps([(p_NxD @ p_NxD.T)[None]], os.path.join(out, 'embedding_gram.png'),
-                                f'P P^T, tau={s["embedding_gram"]:.3f}', labels=['embeddings']))
+                                f'P P^T, tau={s["embedding_gram"]:.3f}', labels=['embeddings'],
+                                value='p_i . p_j'))
   if ck.tokenizer is not None:
     ids, tokens = maps_lib.tokenize(ck.tokenizer, sentence, cfg.max_position_embeddings)
     maps = maps_lib.attention_maps(cfg, params, ids)
     files.append(plots.heatmaps(maps, os.path.join(out, 'attention_maps.png'), f'attention of a sentence: {name}',
-                                tokens=tokens))
+                                tokens=tokens, value='attention probability'))
   s['files'] = files
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(s, f, indent=1)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from posjax import layers
 from posjax.attention import offsets, registry
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
@@ -24,7 +25,7 @@ from posjax.errors import ConfigError
 def _normal(mean: float, stddev: float, names):
   def init(key, shape, dtype=jnp.float32):
     return mean + stddev * jax.random.normal(key, shape, dtype)
-  return nn.with_logical_partitioning(init, tuple(names))
+  return layers.logical(init, names)
 
 
 # Initialisation of the official code's `Tisa._init_weights` (ulmewennberg/tisa, model/tisa.py): offsets

@@ -85,6 +85,25 @@ def to_hf(value: np.ndarray, kind) -> np.ndarray:
   return np.ascontiguousarray(value)
 
 
+def check_exportable(cfg, model: str, *, factorised: bool, shared_layers: bool, ffn_groups: bool,
+                     mlm_head_act: str) -> None:
+  """Refuses (ConfigError) the posjax model fields a Hugging Face `model` has no counterpart for; the
+  attention variant is each exporter's own check."""
+  problems = []
+  if not cfg.option('use_qk', True):
+    problems.append('attention option use_qk=False')
+  if cfg.embedding_size and not factorised:
+    problems.append(f'model.embedding_size={cfg.embedding_size} (factorised embeddings)')
+  if (cfg.layer_groups or cfg.inner_group_size != 1) and not shared_layers:
+    problems.append(f'model.layer_groups={cfg.layer_groups} (shared layers)')
+  if cfg.ffn_groups != 1 and not ffn_groups:
+    problems.append(f'model.ffn_groups={cfg.ffn_groups} (grouped feed-forward)')
+  if cfg.mlm_head and (cfg.mlm_head_act or cfg.hidden_act) != mlm_head_act:
+    problems.append(f'an MLM head with {cfg.mlm_head_act or cfg.hidden_act} (transformers uses {mlm_head_act})')
+  if problems:
+    raise ConfigError(f'{"; ".join(problems)}: no Hugging Face {model} equivalent')
+
+
 def linear(path, key, n_in=1, optional=False) -> list[Entry]:
   """A torch Linear `key` (.weight, .bias) -> posjax dense params at `path` (kernel, bias)."""
   return [Entry(path + ('kernel',), key + '.weight', Linear(n_in), optional),

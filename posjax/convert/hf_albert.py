@@ -1,8 +1,9 @@
 """Hugging Face ALBERT <-> posjax: `import_albert(dir)` and `export_albert(config, params, dir)`.
 
 Reads `AlbertModel`, `AlbertForMaskedLM` and `AlbertForPreTraining` checkpoints and writes
-`AlbertForPreTraining` ones. ALBERT's layer groups map to posjax's shared layers (`layer_groups`,
-`inner_group_size`); its relative position terms are added after scaling (`relative_scaled=False`).
+`AlbertForPreTraining` ones (`AlbertForMaskedLM` for a model without the sentence-order head). ALBERT's layer
+groups map to posjax's shared layers (`layer_groups`, `inner_group_size`); its relative position terms are
+added after scaling (`relative_scaled=False`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     raise ConfigError('HF ALBERT adds relative terms after scaling: export needs relative_scaled=False')
   if not cfg.embedding_size or not cfg.layer_groups:
     raise ConfigError('an ALBERT export needs model.embedding_size > 0 and model.layer_groups > 0')
+  hf.check_exportable(cfg, 'ALBERT', factorised=True, shared_layers=True, ffn_groups=False,
+                      mlm_head_act=cfg.hidden_act)
   max_positions = cfg.max_position_embeddings
   if cfg.attention != 'absolute':
     max_positions = cfg.option('max_relative_position')
-  return {**hf.shared_to_hf(cfg), 'architectures': ['AlbertForPreTraining'], 'model_type': 'albert',
+  return {**hf.shared_to_hf(cfg), 'model_type': 'albert',
+          'architectures': ['AlbertForPreTraining' if cfg.sentence_head else 'AlbertForMaskedLM'],
           'embedding_size': cfg.embedding_size, 'num_hidden_groups': cfg.layer_groups,
           'inner_group_num': cfg.inner_group_size, 'max_position_embeddings': max_positions,
           'classifier_dropout_prob': cfg.hidden_dropout, 'position_embedding_type': cfg.attention}
@@ -78,7 +82,8 @@ def entries(cfg: ModelConfig, heads: bool = True) -> list[Entry]:
   e += hf.linear(('mlm_head', 'transform'), 'predictions.dense', optional=not heads)
   e += hf.norm(('mlm_head', 'norm'), 'predictions.LayerNorm', optional=not heads)
   e.append(Entry(('mlm_head', 'bias'), 'predictions.bias', optional=not heads))
-  e += hf.linear(('sentence_head',), 'sop_classifier.classifier', optional=True)
+  if cfg.sentence_head:
+    e += hf.linear(('sentence_head',), 'sop_classifier.classifier', optional=True)
   return e
 
 
@@ -97,7 +102,8 @@ def import_albert(directory: str, seed: int = 0):
 
 
 def export_albert(cfg: ModelConfig, params, directory: str) -> None:
-  """Writes an `AlbertForPreTraining` checkpoint that transformers loads with from_pretrained."""
+  """Writes an `AlbertForPreTraining` checkpoint (`AlbertForMaskedLM` without a sentence-order head) that
+  transformers loads with from_pretrained."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   cfg, params = layout.unrolled(cfg, params)  # scan_layers is a training-time layout
   hfc = config_to_hf(cfg)

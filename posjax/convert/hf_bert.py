@@ -41,6 +41,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   if pet is None:
     raise ConfigError(f'attention variant {cfg.attention!r} has no Hugging Face BERT equivalent; exportable: '
                       f'{", ".join(_POSITION_TYPES.values())}')
+  hf.check_exportable(cfg, 'BERT', factorised=False, shared_layers=False, ffn_groups=False,
+                      mlm_head_act=cfg.hidden_act)
   max_positions = cfg.max_position_embeddings
   if pet != 'absolute':
     if cfg.option('relative_scaled') is not True:

@@ -114,11 +114,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   kind = _kind(cfg)
   d = {**hf.shared_to_hf(cfg), 'model_type': kind, 'embedding_size': cfg.embed_dim,
        'position_embedding_type': 'absolute'}
-  if cfg.mlm_head and (cfg.mlm_head_act or cfg.hidden_act) != 'gelu':
-    raise ConfigError('HF ELECTRA/ConvBERT generator heads use gelu; model.mlm_head_act must be gelu to export')
+  hf.check_exportable(cfg, {'electra': 'ELECTRA', 'convbert': 'ConvBERT'}[kind], factorised=True,
+                      shared_layers=False, ffn_groups=kind == 'convbert', mlm_head_act='gelu')
   if kind == 'convbert':
-    if cfg.option('convbert_head_ratio') != 2:
-      raise ConfigError('ConvBERT export needs attention option convbert_head_ratio=2')
+    if cfg.option('convbert_head_ratio') != 2 or cfg.num_heads % 2:
+      raise ConfigError(f'ConvBERT export needs attention option convbert_head_ratio=2 and an even '
+                        f'model.num_heads (transformers splits the heads evenly); got '
+                        f'{cfg.option("convbert_head_ratio")} and {cfg.num_heads}')
     d.update(head_ratio=2, conv_kernel_size=cfg.option('convbert_kernel_size'), num_groups=cfg.ffn_groups)
   name = {'electra': 'Electra', 'convbert': 'ConvBert'}[kind]
   if cfg.discriminator_head and kind == 'electra':

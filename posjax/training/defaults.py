@@ -101,6 +101,9 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
   c.nonfinite = 'stop'
 
   c.log_every = 25
+  # Weights & Biases: with a project set (and the wandb package installed) the logged metrics also go to W&B,
+  # to the run named `name` (default: the workdir's name); a resumed run goes on in the same W&B run.
+  c.wandb = ml_collections.ConfigDict(dict(project='', entity='', name=''))
   c.eval_every = 250  # 0: at the end only
   c.checkpoint_every = 250
   c.keep_checkpoints = 3

@@ -7,7 +7,7 @@
            -> the task's report
 
 A task brings an objective (`steps.Objective`), a savable batch iterator, its optimizer and an evaluation; the
-trainer owns the rest: mesh and shardings, restore-or-init, the jitted step, metrics.jsonl and TensorBoard,
+trainer owns the rest: mesh and shardings, restore-or-init, the jitted step, metrics.jsonl, TensorBoard (and W&B),
 orbax checkpoints with checksums and the iterator's position, the workdir lock, SIGTERM/SIGINT (agreed across
 processes), the non-finite policy. Pretraining (posjax/training/pretraining.py) and fine-tuning
 (posjax/finetune/finetuning.py) are its two tasks.
@@ -80,6 +80,7 @@ def validate(config) -> None:
     raise ConfigError(f'weight_decay must be >= 0; got {config.weight_decay!r}')
   if config.nonfinite not in steps.NONFINITE_POLICIES:
     raise ConfigError(f'nonfinite {config.nonfinite!r} is not one of {", ".join(steps.NONFINITE_POLICIES)}')
+  metrics.check_loggers(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +250,7 @@ def _loop(config, workdir, task: Task, setup: ShardedSteps, evaluator: Evaluator
   request, a checkpoint at the current step and an early return. Returns (state, the last logged training
   metrics and evaluation)."""
   total, start = task.num_steps, int(state.step)
-  writer = metrics.Writer(workdir, resume_step=start)
+  writer = metrics.Writer(workdir, resume_step=start, config=config)
   last_row, last_eval = {}, {}
   try:
     if start >= total:
