@@ -16,7 +16,7 @@ scanned step's FLOPs and bytes get (layers - 1) x those of one encoder layer's f
 compiled alone under the same mesh. A step that does not fit fails to compile; the compiler's message says
 by how much, and the table shows that.
 
-It also compiles the scoring function of posjax.finetune.extrapolation (MLM loss on one row) at
+It also compiles the scoring function of posjax.analysis.extrapolation (MLM loss on one row) at
 `--extrapolate` x 512 tokens on one chip, to show which variants can be scored at 16x a 512 training length.
 
 Results: OUT/results.json and OUT/results.md (the README's table).
@@ -47,10 +47,10 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from posjax.data import pretrain  # noqa: E402
-from posjax.finetune import extrapolation  # noqa: E402
+from posjax.analysis import extrapolation  # noqa: E402
 from posjax.models import Bert  # noqa: E402
 from posjax.models.bert import Layer  # noqa: E402
-from posjax.training import loop, optimizer, sharding, steps  # noqa: E402
+from posjax.training import objectives, optimizer, pretraining, sharding, trainer  # noqa: E402
 
 # Per chip: HBM bytes, bf16 peak FLOP/s, HBM bytes/s (Cloud TPU v5e's published figures).
 CHIPS = {'v5e': (16 * 2**30, 197e12, 819e9)}
@@ -157,13 +157,12 @@ def layer_cost(mcfg, data, mesh, batch_sharding) -> tuple[float, float]:
 def train_row(size, variant, impl, length, batch, mesh, chip) -> Row:
   c = bert_config(size, variant, impl, length, batch * mesh.size)
   c.mesh.data = mesh.shape['data']
-  mcfg = loop.model_config(c, 30522)
-  objective = steps.make_objective(c, mcfg)
+  mcfg = pretraining.model_config(c, 30522)
   data = mlm_batch(length, batch * mesh.size, 30522)
+  objective = objectives.make(c, mcfg, length, data['positions'].shape[1])
   rules = sharding.rules(c)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    setup = loop.sharded_steps(c, objective, optimizer.make(c), optimizer.schedule(c), mesh,
-                               data['positions'].shape[1])
+    setup = trainer.sharded_steps(c, objective, optimizer.make(c), optimizer.schedule(c), mesh)
     state = abstract(setup.abstract_state, setup.state_shardings)
     batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
                       for k, v in data.items()}
@@ -178,9 +177,9 @@ def train_row(size, variant, impl, length, batch, mesh, chip) -> Row:
 
 
 def score_row(size, variant, impl, length, chip_device, chip) -> Row:
-  """posjax.finetune.extrapolation's scoring of one row of `length` tokens on one chip."""
+  """posjax.analysis.extrapolation's scoring of one row of `length` tokens on one chip."""
   c = bert_config(size, variant, impl, length, 1)
-  mcfg = dataclasses.replace(loop.model_config(c, 30522), hidden_dropout=0.0)
+  mcfg = dataclasses.replace(pretraining.model_config(c, 30522), hidden_dropout=0.0)
   mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=[chip_device])
   data = mlm_batch(length, 1, 30522)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(c)):
@@ -224,7 +223,7 @@ def markdown(rows: list[Row], topology: str, size: str) -> str:
                                    *cell(k, 'pallas'), ratio]) + ' |')
   scores = [r for r in rows if r.what == 'score']
   if scores:
-    out += ['', f'Extrapolation scoring (posjax.finetune.extrapolation.mlm_scores, one row) on one chip:', '',
+    out += ['', f'Extrapolation scoring (posjax.analysis.extrapolation.mlm_scores, one row) on one chip:', '',
             '| L | variant | XLA: fits? total GiB | kernel: fits? total GiB |', '|---|---|---|---|']
     for length in sorted({r.length for r in scores}):
       for variant in dict.fromkeys(r.variant for r in scores if r.length == length):

@@ -21,7 +21,7 @@ import posjax
 from posjax.attention import flash, offsets, registry
 from posjax.errors import ConfigError
 from posjax.data import pipeline, pretrain
-from posjax.training import loop, steps
+from posjax.training import objectives, pretraining, steps
 
 from helpers import micro_config
 
@@ -176,8 +176,8 @@ def test_train_step_with_kernel_matches_xla():
   results, params = {}, None
   for impl in ('xla', 'pallas'):
     c.model.attention_impl = impl
-    objective = steps.make_objective(c, loop.model_config(c, 100))
-    params = params or random_params(lambda r: {'params': objective.init(r, 24, batch['positions'].shape[1])})
+    objective = objectives.make(c, pretraining.model_config(c, 100), 24, batch['positions'].shape[1])
+    params = params or random_params(lambda r: {'params': objective.init(r)})
     fn = jax.jit(lambda p, b: steps.gradients(objective, p, b, jax.random.PRNGKey(0)))
     results[impl] = fn(params, batch)
   (l_x, _), g_x = results['xla']
