@@ -39,11 +39,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-VARIANTS = ('absolute', 'sinusoidal', 'none', 'relative_key', 'relative_key_query', 't5', 'alibi', 'rope',
-            'tisa', 'convfixed', 'convq', 'convk', 'none+convfixed+convq+convk')
-# Issue 8's budgets, as ratios of the absolute baseline's step time.
-BIAS_ONLY = ('tisa', 'convfixed', 't5', 'alibi')
-QK_DEPENDENT = ('relative_key', 'relative_key_query', 'convq', 'convk')
+from posjax.attention import registry  # noqa: E402
+
+# Every registered component alone, and Chang et al.'s composite attention.
+VARIANTS = tuple(registry.names()) + ('none+convfixed+convq+convk',)
+# Issue 8's budgets, as ratios of the absolute baseline's step time: content-free score terms (their offset
+# tables) and the query/key-dependent ones.
+BIAS_ONLY = tuple(n for n in registry.names() if registry.get(n).offsets is not None)
+QK_DEPENDENT = tuple(n for n in registry.names()
+                     if registry.get(n).role == 'score' and registry.get(n).offsets is None)
 VOCAB = 30522
 LR = 1e-4
 

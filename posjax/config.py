@@ -110,7 +110,7 @@ class ModelConfig:
       raise ConfigError(f'unknown attention option(s) {", ".join(unknown)}; valid options: '
                         f'{", ".join(sorted(known))}')
     # Configs carry every option at its default; one set to something else must be read by the variant.
-    used, owners = registry.used_options(plan), registry.owners()
+    used, owners = {o.name for o in registry.used_options(plan)}, registry.owners()
     unused = sorted(k for k, v in self.attention_options if k not in used and v != known[k])
     if unused:
       named = ', '.join(f'{k} (of {"/".join(owners[k])})' for k in unused)
@@ -121,6 +121,7 @@ class ModelConfig:
     if not 0 <= self.pad_token_id < self.vocab_size:
       raise ConfigError(f'model.pad_token_id must be in [0, model.vocab_size={self.vocab_size}); got '
                         f'{self.pad_token_id!r}')
+    registry.check(self)  # every option the variant reads in its range, and what its components need
     if self.attention_impl == 'pallas':
       from posjax.attention import flash  # pylint: disable=g-import-not-at-top
       why = flash.unsupported(self)

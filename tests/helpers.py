@@ -88,3 +88,16 @@ def mlm_objective(config, vocab=100, max_predictions=4):
   """Pretraining's objective for `config` (a micro_config) with a `vocab`-token model."""
   from posjax.training import objectives, pretraining  # pylint: disable=g-import-not-at-top
   return objectives.make(config, pretraining.model_config(config, vocab), config.data.seq_len, max_predictions)
+
+
+def random_params(init, *args, seed=0, scale=0.3, ones_at=''):
+  """Parameters for `init(rng, *args)` (a module's `init`) drawn from N(0, scale^2), plus 1 where the path
+  holds `ones_at` (e.g. 'scale': LayerNorm scales about 1), so that every position term visibly matters.
+  Shapes come from `jax.eval_shape` and values from NumPy: compiling flax's initialisers costs seconds."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  shapes = nn.unbox(jax.eval_shape(init, jax.random.PRNGKey(0), *args)['params'])
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: (float(bool(ones_at) and ones_at in jax.tree_util.keystr(path)) +
+                       scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)

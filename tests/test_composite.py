@@ -18,6 +18,7 @@ import pytest
 from scipy.special import erf
 
 import posjax
+from helpers import random_params
 from posjax.errors import ConfigError
 
 H, D = 4, 32
@@ -31,17 +32,10 @@ def config(variant, kernel_size=5, use_qk=True, **kw):
                                                                   ('use_qk', use_qk)), **kw)
 
 
-def random_params(model, *args, seed=0, scale=0.3):
-  """N(0, scale^2) for every parameter, from the shapes alone (no eager init: tests share 2 CPUs)."""
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)['params'])
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(lambda s: scale * rng.standard_normal(s.shape).astype(np.float32), shapes)
-
-
 def mha(cfg, x, mask, seed=0):
   """posjax's attention output and its (random) params, as NumPy."""
   model = posjax.attention.MultiHeadAttention(cfg)
-  params = random_params(model, x, mask, seed=seed)
+  params = random_params(model.init, x, mask, seed=seed)
   y = jax.jit(lambda p, x, m: model.apply({'params': p}, x, m))(params, x, mask)
   return np.asarray(y, np.float64), jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
 
@@ -180,7 +174,7 @@ def test_absolute_plus_convfixed_matches_numpy_bert():
   ids[1, 8:] = 0
   mask = ids != 0
   model = posjax.Bert(cfg)
-  params = random_params(model, ids, seed=1, scale=0.2)
+  params = random_params(model.init, ids, seed=1, scale=0.2)
   hidden = np.asarray(jax.jit(lambda p: model.apply({'params': p}, ids, mask)['hidden_BxLxD'])(params))
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   assert p['embeddings']['position_embeddings']['embedding'].shape == (32, D)
@@ -293,7 +287,7 @@ def test_padding_and_translation(variant):
   model = posjax.attention.MultiHeadAttention(config(variant, kernel_size=5))
   rng = np.random.default_rng(5)
   seq = rng.standard_normal((1, 9, D)).astype(np.float32)
-  params = random_params(model, seq, np.ones((1, 9), bool), seed=2)
+  params = random_params(model.init, seq, np.ones((1, 9), bool), seed=2)
   fn = jax.jit(lambda x, m: model.apply({'params': params}, x, m))
   alone = np.asarray(fn(seq, np.ones((1, 9), bool)))
   x = rng.standard_normal((2, 16, D)).astype(np.float32)  # padding positions hold noise
@@ -310,7 +304,7 @@ def test_finite_gradients_under_jit_and_bfloat16(variant):
   x, mask = batch(length=10, lengths=(10, 6))
   cfg = config(variant, kernel_size=5)
   model = posjax.attention.MultiHeadAttention(cfg)
-  params = random_params(model, x, mask, seed=4)
+  params = random_params(model.init, x, mask, seed=4)
   grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x, mask) ** 2)))(params)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert np.isfinite(np.asarray(g)).all(), path

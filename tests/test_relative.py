@@ -18,6 +18,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 import posjax  # noqa: E402
+from helpers import random_params
 from posjax.attention import MultiHeadAttention, offsets, registry  # noqa: E402
 from posjax.attention.absolute import sinusoid_table  # noqa: E402
 from posjax.convert import hf_bert  # noqa: E402
@@ -39,14 +40,6 @@ def config(variant, heads=4, hidden=32, dtype=jnp.float32, **options):
 def component(cfg, name):
   """The registered module alone, as the core builds it."""
   return registry.get(name).build(cfg, name=name)
-
-
-def random_params(module, *args, scale=0.3, seed=0):
-  """Every parameter drawn from N(0, scale) so position terms visibly matter. Shapes come from
-  `jax.eval_shape` and values from NumPy: compiling flax's initialisers (threefry) costs seconds per shape."""
-  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)['params'])
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(lambda s: (scale * rng.normal(size=s.shape)).astype(s.dtype), shapes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,7 +94,7 @@ def test_relative_term_clips_like_shaw(name, m, l, scaled, block):
   q, k = (rng.normal(size=(2, l, 4, 8)).astype(np.float32) for _ in range(2))
   mask = np.ones((2, l), bool)
   module = component(cfg, name)
-  params = random_params(module, q, k, mask, scale=1.0)
+  params = random_params(module.init, q, k, mask, scale=1.0)
   table = np.asarray(params['distance_embedding'])
   assert table.shape == (2 * m - 1, 8)
   ours = jax.jit(module.apply)({'params': params}, q, k, mask)
@@ -163,7 +156,7 @@ def test_t5_bias_matches_transformers(l, num_buckets, max_distance):
   cfg = config('t5', t5_num_buckets=num_buckets, t5_max_distance=max_distance)
   q = jnp.zeros((1, l, 4, 8))
   module = component(cfg, 't5')
-  params = random_params(module, q, q, jnp.ones((1, l), bool), scale=1.0)
+  params = random_params(module.init, q, q, jnp.ones((1, l), bool), scale=1.0)
   table = np.asarray(params['relative_attention_bias'])
   assert table.shape == (num_buckets, 4)
   hf = hf_t5_attention(num_buckets, max_distance, 4)
@@ -284,7 +277,7 @@ def mha(request):
   variant, options = request.param
   cfg = config(variant, **options)
   x = jnp.zeros((2, 12, 32))
-  params = random_params(MultiHeadAttention(cfg), x, jnp.ones((2, 12), bool), scale=0.3)
+  params = random_params(MultiHeadAttention(cfg).init, x, jnp.ones((2, 12), bool), scale=0.3)
   fns = {dtype: jax.jit(MultiHeadAttention(dataclasses.replace(cfg, dtype=dtype)).apply)
          for dtype in (jnp.float32, jnp.bfloat16)}
   return (lambda x, mask, dtype=jnp.float32: fns[dtype]({'params': params}, x, mask)), params, cfg
@@ -348,10 +341,9 @@ def test_options_are_registered_with_defaults():
     ('rope', {}, 36, 'even'),  # 4 heads of width 9
 ])
 def test_bad_options_raise_one_line_config_errors(variant, options, hidden, match):
-  cfg = config(variant, hidden=hidden, **options)
-  x = jnp.zeros((1, 4, hidden))
+  """Checked when the model config is built, before any module runs."""
   with pytest.raises(ConfigError, match=match) as err:
-    jax.eval_shape(MultiHeadAttention(cfg).init, jax.random.PRNGKey(0), x, jnp.ones((1, 4), bool))
+    config(variant, hidden=hidden, **options)
   assert '\n' not in str(err.value)
 
 

@@ -36,16 +36,11 @@ from posjax import layers
 from posjax.attention import registry
 from posjax.attention.relative import skew
 from posjax.config import ModelConfig
-from posjax.errors import ConfigError
 
 
 def kernel_radius(cfg: ModelConfig) -> int:
   """k from the odd window width `composite_kernel_size` = 2k+1."""
-  width = cfg.option('composite_kernel_size')
-  if isinstance(width, bool) or not isinstance(width, int) or width < 1 or width % 2 == 0:
-    raise ConfigError(f'composite_kernel_size must be an odd positive integer (2k+1 taps for relative '
-                      f'positions -k..k, e.g. 17); got {width!r}')
-  return (width - 1) // 2
+  return (cfg.option('composite_kernel_size') - 1) // 2
 
 
 def offset_taps(d, k: int, from_keys: bool = False):
@@ -113,7 +108,7 @@ class ConvDynamic(nn.Module):
 
 
 _PAPER = 'Chang et al. 2021 (composite attention)'
-_OPTIONS = (('composite_kernel_size', 17),)  # 2k+1 taps; odd; 17 in the paper
+_OPTIONS = (registry.integer('composite_kernel_size', 17, odd=True),)  # 2k+1 taps for offsets -k..k; 17 in the paper
 _DYNAMIC = dict(params='(2k+1)*Dh (2k+1 = composite_kernel_size)', cost='O(B H L (2k+1) Dh) + O(B H L^2)',
                 options=_OPTIONS)
 

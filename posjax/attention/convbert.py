@@ -25,23 +25,22 @@ import jax.numpy as jnp
 
 from posjax import layers
 from posjax.attention import registry
-from posjax.attention.convolution import depthwise_conv, odd_kernel_size
+from posjax.attention.convolution import depthwise_conv
 from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
 
 def conv_heads(cfg: ModelConfig) -> int:
   """How many of cfg.num_heads are convolution heads."""
-  ratio = cfg.option('convbert_head_ratio')
-  if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
-    raise ConfigError(f'attention option convbert_head_ratio must be a positive integer (ConvBERT uses 2); '
-                      f'got {ratio!r}')
   # transformers' special case: a ratio above the head count still leaves one attention head.
-  hc = cfg.num_heads - max(cfg.num_heads // ratio, 1)
-  if hc < 1:
-    raise ConfigError(f'convbert with convbert_head_ratio={ratio} and model.num_heads={cfg.num_heads} leaves '
-                      'no convolution heads; use num_heads >= 2 and convbert_head_ratio >= 2')
-  return hc
+  return cfg.num_heads - max(cfg.num_heads // cfg.option('convbert_head_ratio'), 1)
+
+
+def _check(cfg: ModelConfig) -> None:
+  if conv_heads(cfg) < 1:
+    raise ConfigError(f'convbert with convbert_head_ratio={cfg.option("convbert_head_ratio")} and '
+                      f'model.num_heads={cfg.num_heads} leaves no convolution heads; use num_heads >= 2 and '
+                      'convbert_head_ratio >= 2')
 
 
 class SpanConvHeads(nn.Module):
@@ -52,7 +51,7 @@ class SpanConvHeads(nn.Module):
   def __call__(self, x_BxLxD, q_BxLxHxDh, mask_BxL, deterministic=True):
     del deterministic  # transformers applies no dropout in the convolution branch
     cfg = self.config
-    k = odd_kernel_size(cfg, 'convbert_kernel_size')
+    k = cfg.option('convbert_kernel_size')
     hc, dh = conv_heads(cfg), cfg.head_dim
     _, _, h, _ = q_BxLxHxDh.shape
     hf_padding = bool(cfg.option('convbert_hf_padding'))
@@ -86,7 +85,8 @@ registry.register(registry.Component(
     paper='Jiang et al. 2020 (ConvBERT span-based dynamic convolution)',
     params='K*D + (D+1)*Ha*Dh + (Ha*Dh+1)*Hc*K - 2*(D+1)*Hc*Dh (Ha attention, Hc convolution heads)',
     cost='O(K L D); its Hc heads need no L^2 scores',
-    options=(('convbert_head_ratio', 2),  # dot-product attention keeps max(H // ratio, 1) heads
-             ('convbert_kernel_size', 9),  # odd span width K
-             ('convbert_hf_padding', False)),  # True: convolve padding like transformers does
-    takes_heads=conv_heads))
+    # dot-product attention keeps max(H // ratio, 1) heads (ConvBERT uses 2)
+    options=(registry.integer('convbert_head_ratio', 2),
+             registry.integer('convbert_kernel_size', 9, odd=True),  # span width K
+             registry.flag('convbert_hf_padding', False)),  # True: convolve padding like transformers does
+    takes_heads=conv_heads, check=_check))

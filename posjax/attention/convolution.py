@@ -35,13 +35,6 @@ from posjax.config import ModelConfig
 from posjax.errors import ConfigError
 
 
-def odd_kernel_size(cfg: ModelConfig, option: str) -> int:
-  k = cfg.option(option)
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-    raise ConfigError(f'attention option {option} must be an odd positive integer (3, 5, 9, ...); got {k!r}')
-  return k
-
-
 def depthwise_conv(x_BxLx, w_Kx):
   """y_i = sum_t w[t] * x_{i+t-K//2}, zero beyond the ends; w_Kx has x's trailing (channel) shape."""
   k, l = w_Kx.shape[0], x_BxLx.shape[1]
@@ -75,9 +68,6 @@ class SequenceConv(nn.Module):
       return layers.dense((hc, dh), ('embed', 'heads', 'kv'), stddev=cfg.initializer_range, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name='pointwise')(y)
     c = hc * dh
-    if d % self.groups or c % self.groups:
-      raise ConfigError(f'attention option convqkv_groups={self.groups} must divide the model width {d} and '
-                        f'the convolved width {c} ({hc} heads x head_dim {dh})')
     dg = d // self.groups
     # Output channels grouped contiguously, as torch's Conv1d(groups=G): group g reads input channels
     # [g*D/G, (g+1)*D/G) and writes output channels [g*C/G, (g+1)*C/G).
@@ -95,11 +85,19 @@ _TARGETS = {'q': 'query', 'k': 'key', 'v': 'value'}
 
 def convolved_heads(cfg: ModelConfig, heads: int) -> int:
   """Hc: how many of the `heads` dot-product heads `convqkv` computes (the first half when mixed)."""
-  hc = heads // 2 if cfg.option('convqkv_mixed') else heads
+  return heads // 2 if cfg.option('convqkv_mixed') else heads
+
+
+def _check_convqkv(cfg: ModelConfig) -> None:
+  heads = cfg.num_heads - sum(c.takes_heads(cfg) for c in registry.parse(cfg.attention).heads)
+  hc = convolved_heads(cfg, heads)
   if hc < 1:
     raise ConfigError(f'attention option convqkv_mixed=True convolves half the heads, but there is only {heads} '
                       'dot-product head; set convqkv_mixed=False or use more heads')
-  return hc
+  g, d, c = cfg.option('convqkv_groups'), cfg.hidden_size, hc * cfg.head_dim
+  if not cfg.option('convqkv_separable') and (d % g or c % g):
+    raise ConfigError(f'attention option convqkv_groups={g} must divide the model width {d} and the convolved '
+                      f'width {c} ({hc} heads x head_dim {cfg.head_dim})')
 
 
 class ConvQKV(nn.Module):
@@ -109,15 +107,8 @@ class ConvQKV(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, heads):
     cfg = self.config
-    kernel_size = odd_kernel_size(cfg, 'convqkv_kernel_size')
-    targets = cfg.option('convqkv_targets')
-    if (not isinstance(targets, str) or not targets or len(set(targets)) != len(targets)
-        or set(targets) - set(_TARGETS)):
-      raise ConfigError(f'attention option convqkv_targets must name some of q, k, v once each (e.g. "qk", '
-                        f'"v", "qkv"); got {targets!r}')
-    groups = cfg.option('convqkv_groups')
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-      raise ConfigError(f'attention option convqkv_groups must be a positive integer; got {groups!r}')
+    kernel_size = cfg.option('convqkv_kernel_size')
+    targets, groups = cfg.option('convqkv_targets'), cfg.option('convqkv_groups')
     hc = convolved_heads(cfg, heads)
     return {t: SequenceConv(cfg, kernel_size, groups, bool(cfg.option('convqkv_separable')),
                             bool(cfg.option('convqkv_activation')), hc, name=_TARGETS[t])(x_BxLxD)
@@ -131,7 +122,7 @@ class ConvValues(nn.Module):
   @nn.compact
   def __call__(self, v_BxLxHxDh, mask_BxL):
     cfg = self.config
-    k = odd_kernel_size(cfg, 'convvalues_kernel_size')
+    k = cfg.option('convvalues_kernel_size')
     _, _, h, dh = v_BxLxHxDh.shape
     # Per channel, as the authors' Conv1d(groups=hidden_size): each of the H*Dh value channels has a kernel.
     w_KxHxDh = self.param('kernel', layers.torch_uniform(k, ('kernel', 'heads', 'kv')), (k, h, dh),
@@ -151,14 +142,18 @@ registry.register(registry.Component(
     params='T*(K+1)*D (separable) or T*(K/G-1)*D*Hc*Dh, beyond the linear projections they replace; '
            'T targets, Hc=H/2 if mixed',
     cost='O(T K L D) (separable) or O(T K L D Hc Dh / G)',
-    options=(('convqkv_kernel_size', 9),  # odd width K of the convolution over the sequence
-             ('convqkv_targets', 'qkv'),  # which of q, k, v are convolved
-             ('convqkv_groups', 1),  # groups of the full convolution (ignored when separable)
-             ('convqkv_separable', True),  # depthwise then pointwise (the authors' "depth")
-             ('convqkv_activation', False),  # model.hidden_act between depthwise and pointwise
-             ('convqkv_mixed', True))))  # convolve the first half of the heads only
+    options=(registry.integer('convqkv_kernel_size', 9, odd=True),  # width K of the convolution over the sequence
+             # which of q, k, v are convolved
+             registry.Option('convqkv_targets', 'qkv', 'some of q, k, v, each once (e.g. "qk", "v", "qkv")',
+                             lambda v: isinstance(v, str) and bool(v) and len(set(v)) == len(v)
+                             and not set(v) - set(_TARGETS)),
+             registry.integer('convqkv_groups', 1),  # groups of the full convolution (ignored when separable)
+             registry.flag('convqkv_separable', True),  # depthwise then pointwise (the authors' "depth")
+             registry.flag('convqkv_activation', False),  # model.hidden_act between depthwise and pointwise
+             registry.flag('convqkv_mixed', True)),  # convolve the first half of the heads only
+    check=_check_convqkv))
 registry.register(registry.Component(
     'convvalues', 'output', ConvValues, paper='Chang et al. 2021 (depthwise convolution of values)',
     params='(K+1)*H*Dh (+H if scaled)', cost='O(K L H Dh)',
-    options=(('convvalues_kernel_size', 9),  # odd width K of the depthwise convolution
-             ('convvalues_scale', False))))  # learn a per-head scale of the convolution (init 1)
+    options=(registry.integer('convvalues_kernel_size', 9, odd=True),  # width K of the depthwise convolution
+             registry.flag('convvalues_scale', False))))  # learn a per-head scale of the convolution (init 1)

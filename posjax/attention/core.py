@@ -30,7 +30,6 @@ import jax.numpy as jnp
 from posjax import layers
 from posjax.attention import flash, offsets, registry
 from posjax.config import ModelConfig
-from posjax.errors import ConfigError
 
 
 def masked_softmax_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, bias, mask_BxL, *, scale, use_qk=True,
@@ -66,10 +65,7 @@ class MultiHeadAttention(nn.Module):
     plan = registry.parse(cfg.attention)
     dh = cfg.head_dim
     # Parallel branches (ConvBERT's convolution heads) take some heads; dot-product attention keeps the rest.
-    h = cfg.num_heads - sum(c.takes_heads(cfg) for c in plan.heads)
-    if h < 1:
-      raise ConfigError(f'attention variant {cfg.attention!r} leaves no dot-product attention heads out of '
-                        f'model.num_heads={cfg.num_heads}')
+    h = cfg.num_heads - sum(c.takes_heads(cfg) for c in plan.heads)  # >= 1: checked with the config
     # With a projection component the hidden states are zeroed at padding before every projection, as in the
     # authors' code, so that its convolutions see zeros there.
     xp_BxLxD = x_BxLxD
@@ -106,7 +102,7 @@ class MultiHeadAttention(nn.Module):
       else:
         bias = term if bias is None else bias + term
 
-    use_qk = bool(cfg.option('use_qk', True))
+    use_qk = cfg.option('use_qk')
     scale = 1.0 / float(dh) ** 0.5
     need_dropout = cfg.attention_dropout > 0.0 and not deterministic
     # posjax.analysis asks for the probabilities by making `intermediates` mutable; no fused kernel forms

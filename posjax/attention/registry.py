@@ -28,6 +28,35 @@ ROLES = ('position_embedding', 'projection', 'score', 'qkv', 'heads', 'output')
 
 
 @dataclasses.dataclass(frozen=True)
+class Option:
+  """An attention option: its name, default, and the values it takes (`valid`, described by `rule` in the
+  one-line error a bad value gets when the model config is built)."""
+  name: str
+  default: Any
+  rule: str
+  valid: Callable[[Any], bool]
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def integer(name: str, default: int, minimum: int = 1, odd: bool = False, even: bool = False) -> Option:
+  kind = 'an odd ' if odd else 'an even ' if even else 'an '
+  return Option(name, default, f'{kind}integer >= {minimum}',
+                lambda v: _is_int(v) and v >= minimum and (not odd or v % 2 == 1) and (not even or v % 2 == 0))
+
+
+def number(name: str, default: float, above: float) -> Option:
+  return Option(name, default, f'a number > {above}',
+                lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > above)
+
+
+def flag(name: str, default: bool) -> Option:
+  return Option(name, default, 'True or False', lambda v: isinstance(v, bool))
+
+
+@dataclasses.dataclass(frozen=True)
 class Component:
   name: str
   role: str
@@ -38,9 +67,12 @@ class Component:
   cost: str = '-'
   # False for components that may not be combined with another of the same role.
   stackable: bool = True
-  # Options this component reads with `config.option(name, default)`, with their defaults; the configs
-  # expose all of them under `model.attention_options` so any can be set from the command line.
-  options: tuple[tuple[str, Any], ...] = ()
+  # Options this component reads with `config.option(name)`, with their defaults and valid values; the
+  # configs expose all of them under `model.attention_options` so any can be set from the command line.
+  options: tuple[Option, ...] = ()
+  # (model config) -> None, raising ConfigError: what the component needs of the model beyond its options'
+  # own ranges (e.g. heads to split); run when a ModelConfig using the component is built.
+  check: Callable[..., None] | None = None
   # For `heads` components: (model config) -> how many of the model's heads this branch computes; the
   # dot-product attention keeps the rest.
   takes_heads: Callable[..., int] | None = None
@@ -55,7 +87,7 @@ _REGISTRY: dict[str, Component] = {}
 
 # Options of the shared computation itself (core.py).
 CORE_OPTIONS = (
-    ('use_qk', True),  # False drops the q.k term: attention from the score terms alone (Chang et al. 2021)
+    flag('use_qk', True),  # False drops the q.k term: attention from the score terms alone (Chang et al. 2021)
 )
 
 
@@ -70,12 +102,13 @@ def register(component: Component) -> Component:
 
 def default_options() -> dict[str, Any]:
   """Every option of every registered component (and of the core), with its default."""
-  opts = dict(CORE_OPTIONS)
+  opts = {o.name: o.default for o in CORE_OPTIONS}
   for c in _REGISTRY.values():
-    for k, v in c.options:
-      if k in opts and opts[k] != v:
-        raise ValueError(f'option {k!r} of {c.name!r} has default {v!r}; another component says {opts[k]!r}')
-      opts[k] = v
+    for o in c.options:
+      if o.name in opts and opts[o.name] != o.default:
+        raise ValueError(f'option {o.name!r} of {c.name!r} has default {o.default!r}; another component says '
+                         f'{opts[o.name]!r}')
+      opts[o.name] = o.default
   return opts
 
 
@@ -131,15 +164,41 @@ def parse(spec: str) -> Plan:
 
 def owners() -> dict[str, list[str]]:
   """{option: the names of the components that read it} ('core' for the shared computation's own)."""
-  out = {k: ['core'] for k, _ in CORE_OPTIONS}
+  out = {o.name: ['core'] for o in CORE_OPTIONS}
   for c in _REGISTRY.values():
-    for k, _ in c.options:
-      out.setdefault(k, []).append(c.name)
+    for o in c.options:
+      out.setdefault(o.name, []).append(c.name)
   return out
 
 
-def used_options(plan: Plan) -> set[str]:
-  """The options a parsed variant reads: its components' and the core's."""
-  components = [c for c in (plan.position_embedding, plan.projection) if c is not None]
-  components += [*plan.score, *plan.qkv, *plan.heads, *plan.output]
-  return {k for k, _ in CORE_OPTIONS} | {k for c in components for k, _ in c.options}
+def components(plan: Plan) -> list[Component]:
+  """Every component of a parsed variant."""
+  return ([c for c in (plan.position_embedding, plan.projection) if c is not None] +
+          [*plan.score, *plan.qkv, *plan.heads, *plan.output])
+
+
+def used_options(plan: Plan) -> list[Option]:
+  """The options a parsed variant reads: the core's and its components'."""
+  seen, out = set(), []
+  for o in [*CORE_OPTIONS, *(o for c in components(plan) for o in c.options)]:
+    if o.name not in seen:
+      seen.add(o.name)
+      out.append(o)
+  return out
+
+
+def check(cfg) -> None:
+  """Every option the variant of `cfg` (a ModelConfig) reads in its range, then each component's own check;
+  the first problem is a ConfigError naming the option and its valid values."""
+  plan = parse(cfg.attention)
+  for o in used_options(plan):
+    value = cfg.option(o.name)
+    if not o.valid(value):
+      raise ConfigError(f'attention option {o.name} must be {o.rule}; got {value!r}')
+  heads = cfg.num_heads - sum(c.takes_heads(cfg) for c in plan.heads)
+  if heads < 1:
+    raise ConfigError(f'attention variant {cfg.attention!r} leaves no dot-product attention heads out of '
+                      f'model.num_heads={cfg.num_heads}')
+  for c in components(plan):
+    if c.check is not None:
+      c.check(cfg)

@@ -33,6 +33,12 @@ def rotate(x_BxLxHxDh, base: float):
   return y.astype(x_BxLxHxDh.dtype)
 
 
+def _check(cfg: ModelConfig) -> None:
+  if cfg.head_dim % 2:
+    raise ConfigError(f'rope rotates pairs of dimensions: the head width model.hidden_size / num_heads must be '
+                      f'even; got {cfg.head_dim}')
+
+
 class RoPE(nn.Module):
   config: ModelConfig
 
@@ -41,14 +47,9 @@ class RoPE(nn.Module):
     del mask_BxL  # rotations depend on the index only; padded keys are masked by the core
     cfg = self.config
     base = cfg.option('rope_base')
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or base <= 1:
-      raise ConfigError(f'rope_base must be a number > 1 (10000 in Su et al.); got {base!r}')
-    if q_BxLxHxDh.shape[-1] % 2:
-      raise ConfigError(f'rope rotates pairs of dimensions: the head width model.hidden_size / num_heads '
-                        f'must be even; got {q_BxLxHxDh.shape[-1]}')
     return rotate(q_BxLxHxDh, float(base)), rotate(k_BxLxHxDh, float(base)), v_BxLxHxDh
 
 
 registry.register(registry.Component(
     'rope', 'qkv', RoPE, paper='Su et al. 2021 (RoFormer)', params='0', cost='O(B L H Dh)',
-    options=(('rope_base', 10000.0),)))
+    options=(registry.number('rope_base', 10000.0, above=1),), check=_check))  # 10000 in Su et al.

@@ -48,6 +48,13 @@ def t5_offsets(cfg: ModelConfig, params, length: int, heads: int):
   return jnp.asarray(params['relative_attention_bias'], jnp.float32)[buckets_R].T
 
 
+def _check(cfg: ModelConfig) -> None:
+  nb, md = cfg.option('t5_num_buckets'), cfg.option('t5_max_distance')
+  if md <= nb // 4:
+    raise ConfigError(f'attention option t5_max_distance must be > t5_num_buckets // 4 = {nb // 4} (the exact '
+                      f'buckets); got {md!r}')
+
+
 class T5Bias(nn.Module):
   """Returns the offset table_HxR of the table `relative_attention_bias` of shape (num_buckets, H)."""
   config: ModelConfig
@@ -56,11 +63,7 @@ class T5Bias(nn.Module):
   def __call__(self, q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic=True):
     del k_BxLxHxDh, mask_BxL, deterministic
     cfg = self.config
-    nb, md = cfg.option('t5_num_buckets'), cfg.option('t5_max_distance')
-    if isinstance(nb, bool) or not isinstance(nb, int) or nb < 4 or nb % 2:
-      raise ConfigError(f't5_num_buckets must be an even integer >= 4 (half per direction); got {nb!r}')
-    if isinstance(md, bool) or not isinstance(md, int) or md <= nb // 4:
-      raise ConfigError(f't5_max_distance must be an integer > t5_num_buckets // 4 = {nb // 4}; got {md!r}')
+    nb = cfg.option('t5_num_buckets')
     l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
     table_NxH = self.param('relative_attention_bias', layers.init(cfg.initializer_range, ('pos', 'heads')),
                            (nb, h), cfg.param_dtype)
@@ -69,4 +72,6 @@ class T5Bias(nn.Module):
 
 registry.register(registry.Component(
     't5', 'score', T5Bias, paper='Raffel et al. 2020 (T5)', params='N*H (N = t5_num_buckets)',
-    cost='O(H L^2)', options=(('t5_num_buckets', 32), ('t5_max_distance', 128)), offsets=t5_offsets))
+    cost='O(H L^2)', options=(registry.integer('t5_num_buckets', 32, minimum=4, even=True),  # half per direction
+             registry.integer('t5_max_distance', 128, minimum=2)),
+    check=_check, offsets=t5_offsets))

@@ -15,7 +15,7 @@ def markdown() -> str:
           '|---|---|---|---|---|---|']
   for name in registry.names():
     c = registry.get(name)
-    opts = ', '.join(f'`{k}={v!r}`' for k, v in c.options) or '-'
+    opts = ', '.join(f'`{o.name}={o.default!r}`' for o in c.options) or '-'
     # A term with an offset table never builds its LxL bias in the fused kernel (model.attention_impl).
     cost = c.cost + ('; fused kernel: O(H L) memory' if c.offsets else '')
     rows.append(f'| `{name}` | {c.role.replace("_", " ")} | {c.paper} | {c.params} | {cost} | {opts} |')

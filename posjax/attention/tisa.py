@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from posjax import layers
 from posjax.attention import offsets, registry
 from posjax.config import ModelConfig
-from posjax.errors import ConfigError
 
 
 def _normal(mean: float, stddev: float, names):
@@ -52,9 +51,6 @@ class Tisa(nn.Module):
     del k_BxLxHxDh, mask_BxL, deterministic  # padded keys are masked by the core
     cfg = self.config
     s = cfg.option('tisa_kernels')
-    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-      raise ConfigError(f'tisa_kernels must be a positive integer (radial basis functions per head, 5 in the '
-                        f'paper); got {s!r}')
     l, h = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[2]
     params = {name: self.param(name, _normal(*_INIT[name], ('kernel', 'heads')), (s, h), cfg.param_dtype)
               for name in ('amplitude', 'sharpness', 'offset')}
@@ -63,4 +59,5 @@ class Tisa(nn.Module):
 
 registry.register(registry.Component(
     'tisa', 'score', Tisa, paper='Wennberg & Henter 2021 (TISA)', params='3*S*H (S = tisa_kernels)',
-    cost='O(S H L) + O(H L^2)', options=(('tisa_kernels', 5),), offsets=tisa_offsets))
+    cost='O(S H L) + O(H L^2)', offsets=tisa_offsets,
+    options=(registry.integer('tisa_kernels', 5),)))  # radial basis functions per head (5 in the paper)

@@ -10,6 +10,7 @@ import logging as std_logging
 import os
 import re
 import shutil
+import sys
 
 from absl import logging
 import flax.linen as nn
@@ -98,6 +99,20 @@ def _from_orbax(record) -> bool:
 # duplicates are dropped.
 std_logging.getLogger('asyncio').addFilter(
     lambda r: not (str(r.msg).startswith('Task exception was never retrieved') and _from_orbax(r)))
+
+
+def _drop_closed_loop_callbacks(previous):
+  """After a failed read orbax closes its event loop while tensorstore still completes the read's other
+  futures; their callbacks raise 'Event loop is closed' where nothing can catch it, and Python prints each
+  as an unraisable traceback. The failure itself was already raised through the call."""
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+      previous(unraisable)
+  return hook
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 def human_bytes(n: float) -> str:

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import os
 
-import jax
-import numpy as np
-
 from posjax.config import ModelConfig, padded_vocab
 from posjax.data import inputs
 from posjax.data import pipeline
 from posjax.errors import ConfigError
-from posjax.models import Bert
 from posjax.training import checkpoint, objectives, optimizer, trainer
 
 
@@ -53,6 +49,9 @@ def validate(config) -> None:
   if d.seq_len > config.model.max_position_embeddings:
     raise ConfigError(f'data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings '
                       f'({config.model.max_position_embeddings})')
+  # Every model error before any data work (tokenising a corpus can take hours): the fields, the attention
+  # options' ranges and what each component needs, all checked when a ModelConfig is built.
+  ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': max(config.model.vocab_size, 8)})
   if config.objective not in objectives.OBJECTIVES:
     raise ConfigError(f'objective {config.objective!r} is not one of {", ".join(objectives.OBJECTIVES)}')
   e = config.electra
@@ -74,14 +73,6 @@ def model_config(config, vocab_size: int) -> ModelConfig:
     raise ConfigError(f'model.vocab_size ({d["vocab_size"]}) is smaller than the tokenizer\'s vocabulary '
                       f'({vocab_size}); set it to 0 to follow the tokenizer')
   return ModelConfig.from_dict(d)
-
-
-def check_model(config) -> None:
-  """Every model error before any data work (tokenising a corpus can take hours): the fields (ModelConfig), then
-  the option values each attention component checks where it is built, by an abstract init (shapes only)."""
-  probe = ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': 8})
-  ids = np.zeros((1, min(8, probe.max_position_embeddings)), np.int32)
-  jax.eval_shape(lambda: Bert(probe).init(jax.random.PRNGKey(0), ids))
 
 
 def objective_and_optimizer(config, vocab_size: int, max_predictions: int, specials):
@@ -107,7 +98,6 @@ def abstract_batches(config):
 
 
 def make_task(config, workdir: str) -> trainer.Task:
-  check_model(config)
   data = inputs.get_datasets(config, workdir)
   mcfg = model_config(config, data.vocab_size)
   objective, tx, lr = objective_and_optimizer(config, data.vocab_size, data.max_predictions, data.specials)
