@@ -44,6 +44,7 @@ def validate(config) -> None:
   if not (config.hidden_dropout == -1 or 0 <= config.hidden_dropout < 1):
     raise ConfigError(f'hidden_dropout must be in [0, 1) (or -1: the pretrained model\'s); got '
                       f'{config.hidden_dropout!r}')
+  trainer.check_seed(config.data.seed, 'data.seed')
   if config.data.source not in data_lib.SOURCES:
     raise ConfigError(f'data.source {config.data.source!r} is not one of {", ".join(data_lib.SOURCES)}')
 
@@ -147,7 +148,7 @@ def make_task(config, workdir: str) -> trainer.Task:
       name=f'fine-tuning on {task.name}: {total} steps (batch {config.batch_size}, {n} examples, length '
            f'{seq_len}), warmup {warmup}',
       num_steps=total, objective=objective,
-      train_iter=pipeline.iterator(pipeline.labelled_dataset(train_x, config.batch_size, config.seed)),
+      train_iter=pipeline.iterator(pipeline.labelled_dataset(train_x, config.batch_size, config.data.seed)),
       tx=optimizer.make(config, lr, scales), lr=lr,
       model={**cfg.to_dict(), 'task': task.name, 'num_labels': task.num_labels},
       evaluate=evaluate, finish=finish,

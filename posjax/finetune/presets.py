@@ -37,6 +37,7 @@ def finetune_config(task: str) -> ml_collections.ConfigDict:
       dir='',  # tsv: GLUE's root (holding CoLA/, SST-2/, ...) or the task's own directory; tfds: data_dir
       max_train_examples=0,  # > 0: a seeded random subset of the training set (quick runs)
       seq_len=max_len,  # sequence length (longer inputs are truncated); for task=all, 0: each task's preset
+      seed=0,  # the training subset and the example order; `seed` is the model's (classifier, dropout)
   ))
   c.num_epochs = float(epochs)  # for task=all, 0: each task's preset
   c.num_train_steps = 0  # > 0 overrides num_epochs

@@ -29,6 +29,7 @@ def validate(config) -> None:
   if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
     raise ConfigError(f'warmup_steps must be a non-negative integer; got {config.warmup_steps!r}')
   d = config.data
+  trainer.check_seed(d.seed, 'data.seed')
   if isinstance(d.seq_len, bool) or not isinstance(d.seq_len, int) or d.seq_len < 8:
     raise ConfigError(f'data.seq_len must be an integer >= 8; got {d.seq_len!r}')
   if not 0 < d.mask_prob < 1:
