@@ -22,6 +22,8 @@ from posjax.training import checkpoint, objectives, optimizer, trainer
 
 def validate(config) -> None:
   """Pretraining's own fields (the trainer checks the shared ones)."""
+  if not config.learning_rate > 0:
+    raise ConfigError(f'learning_rate must be positive; got {config.learning_rate!r}')
   for name in ('num_train_steps', 'eval_every', 'eval_batches'):
     v = config[name]
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

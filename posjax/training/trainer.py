@@ -71,8 +71,6 @@ def validate(config) -> None:
   if isinstance(config.eval_every, bool) or not isinstance(config.eval_every, int) or config.eval_every < 0:
     raise ConfigError(f'eval_every must be a non-negative integer (0: at the end only); got {config.eval_every!r}')
   check_seed(config.seed, 'seed')
-  if not config.learning_rate > 0:
-    raise ConfigError(f'learning_rate must be positive; got {config.learning_rate!r}')
   if not config.grad_clip_norm > 0:  # 0 would zero every update, a negative norm reverse it
     raise ConfigError(f'grad_clip_norm must be positive; got {config.grad_clip_norm!r}')
   for name in ('adam_b1', 'adam_b2'):
