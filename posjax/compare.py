@@ -9,8 +9,8 @@ Every (variant, seed) is trained by the ordinary trainer (`posjax.training.pretr
 from the config `bert:SIZE,VARIANT` gives (posjax/configs/bert.py), in OUT/<variant>/seed<N>/, with `seed`
 = N (initialisation, dropout) and `data.seed` fixed (`--data_seed`, default 0: the held-out documents, the
 vocabulary, the example order and the masks), so the runs of a comparison differ only in their model and its
-seed. The corpus is prepared and tokenised once, in OUT/data/; the first run trains the vocabulary and the
-others reuse its tokenizer.json. Runs go seed by seed (every variant of seed 0, then of seed 1, ...), so a
+seed. The corpus is prepared and tokenised once, in OUT/data/, and the vocabulary trained once (saved in the
+first run's workdir, read by the others), before the first run. Runs go seed by seed (every variant of seed 0, then of seed 1, ...), so a
 stopped comparison has every variant.
 
 Written to OUT after every run: results.md and results.csv (per variant, over its seeds: the mean, the
@@ -67,10 +67,10 @@ PRESETS = {
     # embeddings (ConvBERT's own models do: the comparison is then of the attention alone). MLM on the
     # 50,000 unlabelled IMDB reviews, then SST-2 (500 steps at length 64, learning rate by size), 3 seeds.
     'reproduce': dict(
-        variants='absolute,tisa,convfixed+convq+convk,absolute+convbert', size='tiny', steps=1500,
+        variants='absolute,tisa,convfixed+convq+convk,absolute+convbert', size='tiny', steps=3000,
         seeds='0,1,2', overrides={
             'data.files': '{data}/imdb/imdb_unsup.jsonl.gz', 'data.seq_len': 64, 'batch_size': 32,
-            'data.vocab_size': 8192, 'warmup_steps': 150, 'eval_batches': 32},
+            'data.vocab_size': 8192, 'warmup_steps': 300, 'eval_batches': 32},
         glue='sst2', glue_dir='{data}/sst2', glue_set={'num_train_steps': 500, 'data.seq_len': 64}),
 }
 DEFAULT_DATA = os.path.join('..', 'shared', 'data')
@@ -239,11 +239,25 @@ def _invariance(workdir: str, n: int) -> float | None:
   return None if pa is None else float(np.mean(pa[0]))
 
 
-def share_data(config, out: str) -> None:
-  """Every run of a comparison prepares and tokenises its corpus in OUT/data (one copy, found by its key),
-  unless data.data_dir is set or the corpus is a tfds catalog dataset (prepared where it is)."""
-  if not config.data.data_dir and config.data.source != 'tfds':
-    config.data.data_dir = os.path.abspath(os.path.join(out, 'data'))
+def prepare_data(plan: list[tuple[str, int]], configs_: dict, out: str) -> None:
+  """Before any run, once per data seed: the corpus prepared and tokenised in OUT/data (unless data.data_dir
+  is set, or the corpus is a tfds catalog dataset, prepared where it is) and the vocabulary trained in the
+  first run's workdir, where that run finds it; the other runs of the data seed are pointed at it. So no run's
+  time includes the data's preparation, and every run reads the same files."""
+  from posjax.data import inputs  # pylint: disable=g-import-not-at-top
+  tokenizers = {}
+  for v, s in plan:
+    c = configs_[(v, s)]
+    if not c.data.data_dir and c.data.source != 'tfds':
+      c.data.data_dir = os.path.abspath(os.path.join(out, 'data'))
+    if c.data.seed in tokenizers:
+      c.data.tokenizer = c.data.tokenizer or tokenizers[c.data.seed]
+      continue
+    wd = run_dir(out, v, s)
+    log(f'data seed {c.data.seed}: preparing the corpus, the vocabulary ({wd}) and the tokenised pieces')
+    os.makedirs(wd, exist_ok=True)
+    inputs.get_datasets(c, wd)
+    tokenizers[c.data.seed] = os.path.abspath(os.path.join(wd, 'tokenizer.json'))
 
 
 def _parse_seeds(text: str, flag: str = '--seeds') -> list[int]:
@@ -278,19 +292,16 @@ def run(variants: list[str], size: str, steps: int, out: str, seeds=(0,), overri
               for v, s in plan}  # every config error before any training
   os.makedirs(out, exist_ok=True)
   evaluations = {**_EVALUATIONS, **(evaluations or {})}
-  rows, tokenizers, busy, started = [], {}, 0.0, time.perf_counter()
+  rows, busy, started = [], 0.0, time.perf_counter()
+  prepare_data(plan, configs_, out)
   data_seeds = sorted({c.data.seed for c in configs_.values()})
   caption = (f'{size}, {steps} steps, model seeds {", ".join(map(str, seeds))}, data seed'
              f'{"s" if len(data_seeds) > 1 else ""} {", ".join(map(str, data_seeds))}')
   for i, (v, s) in enumerate(plan, 1):
     c, wd = configs_[(v, s)], run_dir(out, v, s)
-    share_data(c, out)
-    if not c.data.tokenizer and c.data.seed in tokenizers:
-      c.data.tokenizer = tokenizers[c.data.seed]
     log(f'run {i}/{len(plan)}: {v}, seed {s}: {size}, {steps} steps -> {wd}')
     t0 = time.perf_counter()
     seconds, reused = timed(wd, c, lambda: pretraining.train_and_evaluate(c, wd))  # pylint: disable=cell-var-from-loop
-    tokenizers.setdefault(c.data.seed, os.path.abspath(os.path.join(wd, 'tokenizer.json')))
     m = read_metrics(wd)
     vocab = tokenizer_lib.load(os.path.join(wd, 'tokenizer.json')).get_vocab_size()
     row = {'variant': v, 'seed': s, 'data_seed': c.data.seed, 'parameters': _param_count(c, vocab),
@@ -504,7 +515,7 @@ def main(argv=None) -> int:
     run(variants, args.size or preset.get('size', 'tiny'), steps, args.out, seeds, overrides,
         evaluations=evaluations, data_seed=data_seed)
   except trainer.Stopped as e:
-    log(f'stopped: {e}; the finished runs are kept and rerunning the command resumes the comparison')
+    log(f'stopped: {e}; the finished runs are kept')
     return e.exit_code
   except Error as e:
     print(f'error: {e}', file=sys.stderr)
