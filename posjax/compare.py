@@ -292,7 +292,7 @@ def run(variants: list[str], size: str, steps: int, out: str, seeds=(0,), overri
               for v, s in plan}  # every config error before any training
   os.makedirs(out, exist_ok=True)
   evaluations = {**_EVALUATIONS, **(evaluations or {})}
-  rows, busy, started = [], 0.0, time.perf_counter()
+  rows, spent, started = [], [], time.perf_counter()  # spent: the times of the runs trained in this call
   prepare_data(plan, configs_, out)
   data_seeds = sorted({c.data.seed for c in configs_.values()})
   caption = (f'{size}, {steps} steps, model seeds {", ".join(map(str, seeds))}, data seed'
@@ -312,7 +312,8 @@ def run(variants: list[str], size: str, steps: int, out: str, seeds=(0,), overri
     for name, fn in evaluations.items():
       row.update({f'{name}_{k}': val for k, val in fn(wd, c).items()})
     rows.append(row)
-    busy += time.perf_counter() - t0
+    if not reused:
+      spent.append(time.perf_counter() - t0)
     extra = ''.join(f', {k} {row[k]:.2f}' for k in row if k.endswith('_score') and row[k] is not None)
     rate = f'{steps / seconds:.2f} steps/s, ' if seconds and not reused else ''
     left = len(plan) - i
@@ -320,7 +321,7 @@ def run(variants: list[str], size: str, steps: int, out: str, seeds=(0,), overri
         f'{_fmt(row["eval_accuracy"])}{extra} ({"reused; trained in " if reused else ""}'
         f'{metrics.duration(seconds)}, {rate}with evaluations {metrics.duration(time.perf_counter() - t0)}); '
         f'overall {i}/{len(plan)} runs in {metrics.duration(time.perf_counter() - started)}'
-        + (f', ETA {metrics.duration(busy / i * left)}' if left else ''))
+        + (f', ETA {metrics.duration(np.mean(spent) * left)}' if left and spent else ''))
     write_tables(rows, out, caption)
   from posjax.analysis import plots  # pylint: disable=g-import-not-at-top
   plots.loss_curves({v: [read_metrics(run_dir(out, v, s)) for s in seeds] for v in variants},
