@@ -1,8 +1,9 @@
 """Open a trained model: a posjax pretraining workdir or a Hugging Face checkpoint directory. What fine-tuning
 starts from (`init_from`), what `posjax.analysis` and length extrapolation read.
 
-A directory with `config.json` is a Hugging Face checkpoint, dispatched on its `model_type` (bert, albert,
-electra, convbert); one with `checkpoints/` is a posjax workdir: its latest checkpoint, read and verified by
+A directory with `checkpoints/` is a posjax workdir (it holds the trainer's config.json too); any other with
+`config.json` is a Hugging Face checkpoint, dispatched on its `model_type` (bert, albert, electra,
+convbert). A posjax workdir gives its latest checkpoint, read and verified by
 the same code as a resume (`training.checkpoint.read`: a damaged one is skipped for the previous with a
 warning), and its `tokenizer.json`. An ELECTRA/ConvBERT pretraining run gives its discriminator as the
 encoder, as ELECTRA fine-tunes it, and its generator as the part with an MLM head.
@@ -115,11 +116,12 @@ def load(path: str, tokenizer: str = '', step: int | None = None, need_tokenizer
                       'directory (BERT, ALBERT, ELECTRA, ConvBERT)')
   if not os.path.isdir(path):
     raise ConfigError(f'{what} {path!r} is not a directory')
+  # A posjax workdir holds a config.json too (the trainer's resolved config): checkpoints/ decides first.
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return load_posjax(path, tokenizer, step, need_tokenizer)
   if os.path.exists(os.path.join(path, 'config.json')):
     if step is not None:
       raise ConfigError(f'{what} {path!r} is a Hugging Face checkpoint: it has no steps to choose from')
     return load_hf(path, tokenizer, need_tokenizer)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return load_posjax(path, tokenizer, step, need_tokenizer)
   raise ConfigError(f'{what} {path!r} is neither a Hugging Face checkpoint (no config.json) nor a posjax '
                     'workdir (no checkpoints/)')

@@ -290,6 +290,7 @@ def test_hf_checkpoint_finetunes_writes_submission_and_resumes(tmp_path):
   work = str(tmp_path / 'ft')
   first = finetune.finetune_and_evaluate(config, work)
   assert first['step'] == 150 and first['dev']['accuracy'] >= 90.0, first
+  assert first['collapsed'] == [] and first['learning_rate'] == 1e-3
   with open(os.path.join(work, 'predictions', 'SST-2.tsv')) as f:
     lines = f.read().splitlines()
   assert lines[0] == 'index\tprediction' and len(lines) == 11
@@ -367,6 +368,29 @@ def test_pretrain_on_imdb_then_sst2_beats_majority(shared_data, tmp_path):
     acc = json.load(f)['dev']['accuracy']
   print(f'SST-2 dev accuracy {acc:.1f} (majority 50.9)')
   assert acc > 70.0, acc
+
+
+@pytest.mark.parametrize('width, layers, expected', [
+    (32, 1, (1e-3, 1.0)), (128, 2, (1e-3, 1.0)), (256, 4, (3e-4, 1.0)), (256, 12, (3e-4, 0.8)),
+    (768, 12, (1e-4, 0.8)), (1024, 24, (5e-5, 0.9))])
+def test_presets_scale_learning_rate_and_layer_decay_with_the_model(width, layers, expected):
+  """ELECTRA's per-size table (small 3e-4, base 1e-4 with decay 0.8, large 5e-5 with 0.9), 1e-3 without decay
+  for BERT-tiny; a value given in the config is kept."""
+  c = presets.finetune_config('sst2')
+  assert presets.scaled(c, width, layers)[:2] == expected
+  c.learning_rate, c.layer_decay = 2e-5, 0.7
+  assert presets.scaled(c, width, layers) == (2e-5, 0.7, '')
+
+
+def test_collapsed_predictions_are_named_with_their_class_and_share(caplog):
+  sst2 = tasks.get('sst2')
+  labels = {'dev': {'labels': np.array([0, 1] * 50)}}
+  got = finetune.collapsed(sst2, {'dev': np.ones(100, int)}, labels)
+  assert got == [{'dev': 'dev', 'class': '1', 'share': 1.0, 'label_share': 0.5}]
+  assert "100.0% of the 100 predictions are class '1' (50.0% of the labels)" in caplog.text
+  assert finetune.collapsed(sst2, {'dev': np.array([1] * 94 + [0] * 6)}, labels) == []
+  skewed = {'dev': {'labels': np.ones(100, int)}}  # labels of one class: predicting it is no collapse
+  assert finetune.collapsed(sst2, {'dev': np.ones(100, int)}, skewed) == []
 
 
 def test_layer_decay_scales_follow_depth():

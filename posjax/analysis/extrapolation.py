@@ -144,7 +144,9 @@ def held_out_text(config: dict, workdir: str, files: str = ''):
                                      model=defaults.model_fields()).data
   data.update({k: v for k, v in config.get('data', {}).items() if k in data})  # runs of older code lack some
   documents = sources.open_documents(data, workdir)
-  held_out = sources.held_out(len(documents), config.get('seed', 0), data.eval_fraction)
+  # Runs from before data.seed drew their held-out documents with the model's seed.
+  held_out = sources.held_out(len(documents), config.get('data', {}).get('seed', config.get('seed', 0)),
+                              data.eval_fraction)
   return documents.iter_texts(np.flatnonzero(held_out), collections.Counter())
 
 

@@ -116,14 +116,31 @@ def heatmaps(mats_LxHxNxM: list[np.ndarray], path: str, title: str = '', labels=
   return _save(fig, path)
 
 
-def loss_curves(runs: dict[str, dict[str, list]], path: str, title: str = '') -> str:
-  """`runs[name]` = {'step': [...], 'loss': [...], 'eval_step': [...], 'eval_loss': [...]}: training loss
-  as lines, held-out loss as markers of the same colour."""
+def _over_seeds(runs: list[dict[str, list]], step: str, value: str):
+  """(steps every run logged, mean, min, max) of `value` across `runs`."""
+  common = sorted(set.intersection(*(set(r[step]) for r in runs))) if runs else []
+  table = np.asarray([[dict(zip(r[step], r[value]))[s] for s in common] for r in runs], np.float64)
+  if not common:
+    return common, *([np.zeros(0)] * 3)
+  return common, table.mean(0), table.min(0), table.max(0)
+
+
+def loss_curves(runs: dict[str, dict[str, list] | list[dict[str, list]]], path: str, title: str = '') -> str:
+  """`runs[name]` = {'step': [...], 'loss': [...], 'eval_step': [...], 'eval_loss': [...]}, or a list of such
+  (one per seed: their mean is drawn, their range shaded): training loss as lines, held-out loss as markers
+  of the same colour."""
   fig, ax = plt.subplots(figsize=(6.0, 4.0))
   for i, (name, r) in enumerate(runs.items()):
-    ax.plot(r['step'], r['loss'], color=f'C{i}', label=f'{name} (train)')
-    if r.get('eval_step'):
-      ax.plot(r['eval_step'], r['eval_loss'], 'o--', color=f'C{i}', label=f'{name} (held-out)')
+    seeds = r if isinstance(r, list) else [r]
+    steps, mean, lo, hi = _over_seeds(seeds, 'step', 'loss')
+    n = f', {len(seeds)} seeds' if len(seeds) > 1 else ''
+    ax.plot(steps, mean, color=f'C{i}', label=f'{name} (train{n})')
+    if len(seeds) > 1:
+      ax.fill_between(steps, lo, hi, color=f'C{i}', alpha=0.2, lw=0)
+    steps, mean, lo, hi = _over_seeds(seeds, 'eval_step', 'eval_loss')
+    if steps:
+      ax.errorbar(steps, mean, yerr=[mean - lo, hi - mean] if len(seeds) > 1 else None, fmt='o--',
+                  color=f'C{i}', capsize=3, label=f'{name} (held-out)')
   ax.set_xlabel('step')
   ax.set_ylabel('MLM loss')
   ax.legend(fontsize=8)

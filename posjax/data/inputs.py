@@ -82,7 +82,7 @@ def prepare_pieces(config, workdir: str, documents, held_out, tok, body: int):
   """The directory of the corpus's pieces (posjax/data/pieces.py) and their statistics; on several hosts each
   process tokenises its share of the corpus and process 0 joins the parts."""
   data_dir = config.data.data_dir or sources.default_data_dir(workdir)
-  directory = pieces.cache_dir(data_dir, documents, config.seed, config.data.eval_fraction, tok, body)
+  directory = pieces.cache_dir(data_dir, documents, config.data.seed, config.data.eval_fraction, tok, body)
   if jax.process_count() == 1:
     return directory, pieces.prepare(documents, held_out, tok, body, directory)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -104,7 +104,7 @@ def get_datasets(config, workdir: str) -> Datasets:
   """Documents (a prepared tfds dataset, read record by record) -> tokenizer -> pieces on disk -> the grain
   pipeline; logs the statistics: documents, tokens, examples per epoch, what was skipped and why."""
   documents = sources.open_documents(config.data, workdir)
-  held_out = sources.held_out(len(documents), config.seed, config.data.eval_fraction)
+  held_out = sources.held_out(len(documents), config.data.seed, config.data.eval_fraction)
   limit = config.data.tokenizer_documents or len(documents)
   tok = tokenizer_for(config, workdir, documents.iter_texts(np.flatnonzero(~held_out)[:limit],
                                                             collections.Counter()))
@@ -121,15 +121,15 @@ def get_datasets(config, workdir: str) -> Datasets:
                       f'{corpus_lib.why(stats["skipped"])})')
   train_x = pipeline.PieceExamples(pieces.Pieces(directory, 'train', vocab), seq_len, specials, task)
   eval_x = pipeline.PieceExamples(pieces.Pieces(directory, 'eval', vocab), seq_len, specials, task)
-  eval_fields = eval_x.materialise(config.eval_batches * config.batch_size, config.seed + 1)
+  eval_fields = eval_x.materialise(config.eval_batches * config.batch_size, config.data.seed + 1)
   if len(eval_fields['ids']) == 0:
-    eval_fields = train_x.materialise(config.batch_size, config.seed + 1)
+    eval_fields = train_x.materialise(config.batch_size, config.data.seed + 1)
     logging.warning('held-out documents gave no sequence; evaluating on %d training sequences',
                     len(eval_fields['ids']))
   continuation = pipeline.word_continuations(tok) if config.data.whole_word_masking else None
   masking = pipeline.Masking(specials, vocab, config.data.mask_prob, config.data.max_predictions, continuation)
-  train = pipeline.train_dataset(train_x, config.batch_size, config.seed, masking)
-  eval_data = pipeline.MLMBatches(eval_fields, config.batch_size, specials, vocab, config.seed,
+  train = pipeline.train_dataset(train_x, config.batch_size, config.data.seed, masking)
+  eval_data = pipeline.MLMBatches(eval_fields, config.batch_size, specials, vocab, config.data.seed,
                                   config.data.mask_prob, config.data.max_predictions or None, continuation)
   return Datasets(tok, train, eval_data, stats, vocab, specials, eval_data.max_predictions)
 

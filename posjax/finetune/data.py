@@ -209,7 +209,7 @@ def read_examples(task, config):
     directory = task_directory(task, directory)
   train = read(task, task.train, source, directory)
   if config.data.max_train_examples and config.data.max_train_examples < len(train):
-    keep = np.sort(np.random.default_rng([config.seed, 5]).permutation(len(train))[
+    keep = np.sort(np.random.default_rng([config.data.seed, 5]).permutation(len(train))[
         :config.data.max_train_examples])
     train = Examples(tuple([t[i] for i in keep] for t in train.texts), train.labels[keep],
                      [train.index[i] for i in keep])

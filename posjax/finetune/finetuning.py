@@ -39,11 +39,15 @@ def validate(config) -> None:
                       f'{config.num_epochs!r}, num_train_steps {config.num_train_steps!r}')
   if not 0 <= config.warmup_fraction < 1:
     raise ConfigError(f'warmup_fraction must be in [0, 1); got {config.warmup_fraction!r}')
-  if not 0 < config.layer_decay <= 1:
-    raise ConfigError(f'layer_decay must be in (0, 1] (1: off); got {config.layer_decay!r}')
+  if not config.learning_rate >= 0:
+    raise ConfigError(f'learning_rate must be positive (0: by the model\'s width); got {config.learning_rate!r}')
+  if not 0 <= config.layer_decay <= 1:
+    raise ConfigError(f'layer_decay must be in (0, 1] (1: off; 0: by the model\'s depth); got '
+                      f'{config.layer_decay!r}')
   if not (config.hidden_dropout == -1 or 0 <= config.hidden_dropout < 1):
     raise ConfigError(f'hidden_dropout must be in [0, 1) (or -1: the pretrained model\'s); got '
                       f'{config.hidden_dropout!r}')
+  trainer.check_seed(config.data.seed, 'data.seed')
   if config.data.source not in data_lib.SOURCES:
     raise ConfigError(f'data.source {config.data.source!r} is not one of {", ".join(data_lib.SOURCES)}')
 
@@ -71,6 +75,27 @@ def write_submission(task, split, examples, preds, directory: str) -> str:
     for i, p in zip(examples.index, preds):
       f.write(f'{i}\t{float(np.clip(p, 0.0, 5.0)):.3f}\n' if task.regression else f'{i}\t{task.labels[int(p)]}\n')
   return path
+
+
+# A classifier whose dev predictions are this much one class (where the labels are not) has stopped using
+# its input: usually a learning rate too low (or too high) for the model's size.
+COLLAPSE_SHARE = 0.95
+
+
+def collapsed(task, preds: dict[str, np.ndarray], dev: dict[str, dict]) -> list[dict]:
+  """[{'dev': name, 'class': label, 'share': of the predictions, 'label_share': of the labels}] for each dev
+  set whose predictions collapsed onto one class (empty: none did); each is logged as a warning."""
+  out = []
+  for name, p in preds.items():
+    counts = np.bincount(np.asarray(p, np.int64), minlength=task.num_labels)
+    top = int(counts.argmax())
+    share, label_share = counts[top] / max(len(p), 1), float(np.mean(dev[name]['labels'] == top))
+    if share >= COLLAPSE_SHARE and label_share < COLLAPSE_SHARE:
+      out.append({'dev': name, 'class': task.labels[top], 'share': float(share), 'label_share': label_share})
+      logging.warning('%s %s: %.1f%% of the %d predictions are class %r (%.1f%% of the labels): the classifier '
+                      'collapsed to one class; try another learning rate (learning_rate, layer_decay)',
+                      task.name, name, 100 * share, len(p), task.labels[top], 100 * label_share)
+  return out
 
 
 def flat_dev(dev: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -105,13 +130,15 @@ def encoder(config, pre):
 
 
 def objective_and_optimizer(config, cfg, task, total: int):
-  """(objective, tx, lr schedule) of fine-tuning `cfg`'s encoder on `task` for `total` steps."""
-  lr = optimizer.warmup_linear_decay(config.learning_rate, round(config.warmup_fraction * total), total)
+  """(objective, tx, lr schedule) of fine-tuning `cfg`'s encoder on `task` for `total` steps, with the
+  learning rate and layer decay of `presets.scaled`."""
+  peak, decay, _ = presets.scaled(config, cfg.hidden_size, cfg.num_layers)
+  lr = optimizer.warmup_linear_decay(peak, round(config.warmup_fraction * total), total)
   objective = Classification(Classifier(cfg, task.num_labels), config.data.seq_len, task.regression)
   scales = None
-  if config.layer_decay < 1:
+  if decay < 1:
     shapes = nn.unbox(jax.eval_shape(objective.init, jax.random.PRNGKey(0)))
-    scales = optim.layer_scales(shapes, cfg, config.layer_decay)
+    scales = optim.layer_scales(shapes, cfg, decay)
   return objective, optimizer.make(config, lr, scales), lr
 
 
@@ -141,21 +168,29 @@ def make_task(config, workdir: str) -> trainer.Task:
   n = len(train_x['ids'])
   total = config.num_train_steps or max(1, math.ceil(config.num_epochs * max(n // config.batch_size, 1)))
   warmup = round(config.warmup_fraction * total)
+  peak, decay, chosen = presets.scaled(config, cfg.hidden_size, cfg.num_layers)
+  if chosen:
+    logging.info('%s', chosen)
   objective, tx, lr = objective_and_optimizer(config, cfg, task, total)
 
   latest = {}  # the last evaluation per dev set, for the task score
 
   def evaluate(evaluator, params):
     predict_fn = evaluator.function(objective.logits)
-    latest['dev'] = {name: metrics_lib.task_metrics(task.name, _predictions(task, predict(
-        predict_fn, params, arrays, config.batch_size)), arrays['labels']) for name, arrays in dev_x}
+    latest['preds'] = {name: _predictions(task, predict(predict_fn, params, arrays, config.batch_size))
+                       for name, arrays in dev_x}
+    latest['dev'] = {name: metrics_lib.task_metrics(task.name, latest['preds'][name], arrays['labels'])
+                     for name, arrays in dev_x}
     return flat_dev(latest['dev'])
 
   def finish(evaluator, params, last):
     del last  # the trainer evaluates at the last step: `latest` holds it per dev set
     dev = latest['dev']
     score = metrics_lib.task_score(task.name, dev)
-    results = {'task': task.name, 'step': total, 'dev': flat_dev(dev), 'score': score, 'init_from': pre.source}
+    results = {'task': task.name, 'step': total, 'dev': flat_dev(dev), 'score': score, 'init_from': pre.source,
+               'learning_rate': peak, 'layer_decay': decay}
+    if not task.regression:
+      results['collapsed'] = collapsed(task, latest['preds'], dict(dev_x))
     predict_fn = evaluator.function(objective.logits)
     results['submissions'] = [
         write_submission(task, split, ex, _predictions(task, predict(predict_fn, params, arrays, config.batch_size)),
@@ -171,7 +206,7 @@ def make_task(config, workdir: str) -> trainer.Task:
       name=f'fine-tuning on {task.name}: {total} steps (batch {config.batch_size}, {n} examples, length '
            f'{seq_len}), warmup {warmup}',
       num_steps=total, objective=objective,
-      train_iter=pipeline.iterator(pipeline.labelled_dataset(train_x, config.batch_size, config.seed)),
+      train_iter=pipeline.iterator(pipeline.labelled_dataset(train_x, config.batch_size, config.data.seed)),
       tx=tx, lr=lr,
       model={**cfg.to_dict(), 'task': task.name, 'num_labels': task.num_labels},
       evaluate=evaluate, finish=finish,

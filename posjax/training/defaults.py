@@ -60,6 +60,10 @@ def pretraining_config(*, model_type: str, objective: str, small: bool,
       eval_fraction=0.05,  # share of documents held out for evaluation
       whole_word_masking=False,  # mask all tokens of a word together (BERT's whole-word-masking models)
       worker_count=0,  # grain worker processes masking and batching; 0: in the training process
+      # Every random choice about the data: the held-out documents (and so the vocabulary, trained on the
+      # others), the example order and the masks. `seed` is the model's (initialisation, dropout), so runs of
+      # several model seeds see the same vocabulary, batches and held-out set, and their losses compare.
+      seed=0,
   ))
 
   # ELECTRA replaced-token detection (objective 'electra'): the generator is the discriminator scaled by

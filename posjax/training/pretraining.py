@@ -18,6 +18,8 @@ from posjax.training import checkpoint, objectives, optimizer, trainer
 
 def validate(config) -> None:
   """Pretraining's own fields (the trainer checks the shared ones)."""
+  if not config.learning_rate > 0:
+    raise ConfigError(f'learning_rate must be positive; got {config.learning_rate!r}')
   for name in ('num_train_steps', 'eval_every', 'eval_batches'):
     v = config[name]
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -25,6 +27,7 @@ def validate(config) -> None:
   if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
     raise ConfigError(f'warmup_steps must be a non-negative integer; got {config.warmup_steps!r}')
   d = config.data
+  trainer.check_seed(d.seed, 'data.seed')
   if isinstance(d.seq_len, bool) or not isinstance(d.seq_len, int) or d.seq_len < 8:
     raise ConfigError(f'data.seq_len must be an integer >= 8; got {d.seq_len!r}')
   if not 0 < d.mask_prob < 1:

@@ -56,6 +56,11 @@ class Task:
   meta: dict = dataclasses.field(default_factory=dict)  # more JSON saved with every checkpoint
 
 
+def check_seed(value, name: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+    raise ConfigError(f'{name} must be an integer in [0, 2**31); got {value!r}')
+
+
 def validate(config) -> None:
   """The fields every trainer config has (the tasks check their own)."""
   for name in ('batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints',
@@ -65,10 +70,7 @@ def validate(config) -> None:
       raise ConfigError(f'{name} must be a positive integer; got {v!r}')
   if isinstance(config.eval_every, bool) or not isinstance(config.eval_every, int) or config.eval_every < 0:
     raise ConfigError(f'eval_every must be a non-negative integer (0: at the end only); got {config.eval_every!r}')
-  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**31:
-    raise ConfigError(f'seed must be an integer in [0, 2**31); got {config.seed!r}')
-  if not config.learning_rate > 0:
-    raise ConfigError(f'learning_rate must be positive; got {config.learning_rate!r}')
+  check_seed(config.seed, 'seed')
   if not config.grad_clip_norm > 0:  # 0 would zero every update, a negative norm reverse it
     raise ConfigError(f'grad_clip_norm must be positive; got {config.grad_clip_norm!r}')
   for name in ('adam_b1', 'adam_b2'):
