@@ -44,7 +44,7 @@ def test_reproduce_preset_is_the_papers_variants_and_every_one_builds():
   for v in p['variants'].split(','):
     c = compare.make_config(p['size'], v, p['steps'], overrides=compare._with_data(p['overrides'], '/d'))
     assert c.data.files == '/d/imdb/imdb_unsup.jsonl.gz'
-    pretraining.check_model(c)
+    pretraining.validate(c)
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -119,7 +119,7 @@ def test_quickstart(kernel_env):
   assert 'google.colab' in nb.cells[1].source and 'pip' in nb.cells[1].source
   assert 'colab.research.google.com' in nb.cells[0].source
   for v in ('absolute', 'tisa', 'convfixed'):
-    assert (kernel_env / v / 'metrics.jsonl').exists()
+    assert (kernel_env / v / 'seed0' / 'metrics.jsonl').exists()
   table = (kernel_env / 'results.md').read_text()
   assert all(f'| {v} |' in table for v in ('absolute', 'tisa', 'convfixed'))
   assert (kernel_env / 'loss_curves.png').stat().st_size > 5000
