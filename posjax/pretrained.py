@@ -90,6 +90,10 @@ def load_posjax(workdir: str, tokenizer: str = '', step: int | None = None,
   tok = _tokenizer(workdir, tokenizer, 'posjax workdir', need_tokenizer)
   step, meta, params = checkpoint.read(workdir, step)
   model = dict(meta['model'])
+  if 'task' in model:  # fine-tuning's checkpoints hold a classifier, not a pretrained model
+    init_from = meta.get('config', {}).get('init_from') or 'its init_from'
+    raise ConfigError(f'{workdir} is a fine-tuning workdir ({model["task"]} classifier); give the pretraining '
+                      f'run it started from ({init_from})')
   source = f'posjax workdir {workdir} (step {step}, objective {model.get("objective", "mlm")})'
   if tok is not None:
     check_vocab(model.get('vocab_size'), tok, source)

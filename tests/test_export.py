@@ -186,3 +186,25 @@ def test_variant_transformers_cannot_represent(tmp_path, capsys, name, arg, supp
   err = capsys.readouterr().err.strip()
   assert err.count('\n') == 0 and err.startswith('error: ') and supported in err, err
   assert arg.split(',')[1] in err and not out.exists()
+
+
+def test_a_fine_tuning_workdir_is_refused_naming_its_pretraining_run(tmp_path):
+  """A fine-tuning checkpoint holds a classifier: export (and fine-tuning's init_from) say so in one line and
+  name the run it started from, instead of failing on the classifier's model fields."""
+  from posjax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from posjax.convert import hf  # pylint: disable=g-import-not-at-top
+  from posjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  work = tmp_path / 'sst2'
+  tok = tokenizer_lib.train_wordpiece(documents(40), 100)
+  tokenizer_lib.save(tok, str(work))
+  cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=16, num_layers=1, num_heads=2,
+                    intermediate_size=32, max_position_embeddings=32)
+  mngr = checkpoint.manager(str(work), 1)
+  checkpoint.save(mngr, 1, steps.TrainState(
+      step=jnp.array(1), params=hf.init_params(Bert(cfg)), opt_state=jnp.zeros(()), rng=jax.random.PRNGKey(0),
+      skipped=jnp.array(0), first_bad_step=jnp.array(-1)),
+      {'model': {**cfg.to_dict(), 'task': 'sst2', 'num_labels': 2}, 'config': {'init_from': '/runs/pre'}})
+  mngr.wait_until_finished()
+  mngr.close()
+  with pytest.raises(ConfigError, match=r'fine-tuning workdir \(sst2 classifier\).*\(/runs/pre\)'):
+    export.export(str(work), str(tmp_path / 'out'))
