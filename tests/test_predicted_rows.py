@@ -23,11 +23,11 @@ def _batch():
 @pytest.mark.parametrize('fields', [
     dict(),
     dict(attention='relative_key_query'),
-    dict(attention='tisa'),
-    dict(attention='absolute+convbert'),
+    pytest.param(dict(attention='tisa'), marks=pytest.mark.slow),
+    pytest.param(dict(attention='absolute+convbert'), marks=pytest.mark.slow),
     dict(attention='none+convfixed+convq+convk'),
     dict(layer_groups=1, embedding_size=16, sentence_head=True),  # ALBERT: one shared layer
-    dict(remat_policy='full'),
+    pytest.param(dict(remat_policy='full'), marks=pytest.mark.slow),
     dict(scan_layers=True),
 ], ids=lambda f: ','.join(f'{k}={v}' for k, v in f.items()) or 'bert')
 def test_heads_and_gradients_match_the_full_encoder(fields):
