@@ -127,7 +127,8 @@ def test_gradients_are_finite_and_reach_every_parameter(variant, apply_fn):
     assert np.abs(np.asarray(g)).max() > 0, f'no gradient reaches {jax.tree_util.keystr(path)}'
 
 
-@pytest.mark.parametrize('variant', variants())
+@pytest.mark.parametrize('variant', [v if '+' not in v else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in variants()])
 def test_bfloat16_runs(variant, apply_fn):
   fn, params, _ = apply_fn(variant, jnp.bfloat16)
   ids = np.random.default_rng(3).integers(5, 97, size=(2, 24)).astype(np.int32)
@@ -147,9 +148,10 @@ def real_batches():
   return pipeline.MLMBatches(x, 16, specials, tok.get_vocab_size(), seed=0), tok.get_vocab_size()
 
 
-# Every component learns in the default suite; the combinations (each part already trained alone) are slow.
-@pytest.mark.parametrize('variant', [v if '+' not in v else pytest.param(v, marks=pytest.mark.slow)
-                                     for v in variants()])
+# Every component learns in the default suite, here or through the trainer (absolute: test_train, convbert:
+# test_electra); the combinations, whose parts train alone, are slow.
+@pytest.mark.parametrize('variant', [
+    pytest.param(v, marks=pytest.mark.slow) if '+' in v or v in ('absolute', 'convbert') else v for v in variants()])
 def test_bert_tiny_trains(variant, real_batches):
   data, vocab = real_batches
   cfg = posjax.ModelConfig(vocab_size=vocab, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
