@@ -61,7 +61,7 @@ MICRO = {'data.vocab_size': 1000, 'data.seq_len': 32, 'batch_size': 16, 'model.h
 PRESETS = {
     'quick': dict(variants='absolute,tisa,convfixed', size='tiny', steps=200, seeds='0', overrides={
         'data.seq_len': 64, 'batch_size': 32, 'data.vocab_size': 4096, 'warmup_steps': 20, 'eval_batches': 4}),
-    # The three papers' claims at a size 2 CPU cores train in about an hour: learned absolute positions
+    # The three papers' claims at a size 2 CPU cores train in under two hours: learned absolute positions
     # (BERT) against TISA without absolute positions (Wennberg & Henter's setting), Chang et al.'s composite
     # attention without absolute positions, and ConvBERT's mixed attention, which keeps BERT's absolute
     # embeddings (ConvBERT's own models do: the comparison is then of the attention alone). MLM on the
@@ -460,7 +460,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog='python -m posjax.compare', description=__doc__.splitlines()[0])
   ap.add_argument('--preset', default='', choices=('',) + tuple(PRESETS),
                   help='a named recipe (quick: 3 variants, tiny, < 10 min; reproduce: the papers\' comparison, '
-                  'about an hour on 2 CPU cores); flags given here override it')
+                  'under two hours on 2 CPU cores); flags given here override it')
   ap.add_argument('--quick', action='store_true', help='the same as --preset quick')
   ap.add_argument('--variants', default=None, help='comma-separated attention variants')
   ap.add_argument('--size', default=None, choices=SIZES, help='model size (default tiny)')
