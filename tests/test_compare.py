@@ -268,7 +268,7 @@ def test_cli_with_extrapolation_and_sst2_columns(tmp_path, capsys, shared_data):
 
 @pytest.mark.slow
 def test_reproduce(tmp_path, shared_data):
-  """The README's evidence: `posjax compare --preset reproduce` for real (about an hour on 2 idle CPU cores).
+  """The README's evidence: `posjax compare --preset reproduce` for real (under two hours on 2 CPU cores).
   Every run learns (held-out MLM loss well under the unigram level, SST-2 well over the majority class's
   50.9%) and the tables have every variant with three seeds."""
   assert compare.main(['--preset', 'reproduce', '--data', shared_data, '--out', str(tmp_path)]) == 0
