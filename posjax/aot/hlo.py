@@ -29,6 +29,14 @@ _CALLED = re.compile(r'\b(calls|body|condition|to_apply|true_computation|false_c
 _CALLED_LISTS = re.compile(r'\b(?:branch_computations|called_computations)=\{([^}]*)\}')
 
 
+def _instructions(lines: list[str]):
+  """(target, result shape, op, the rest of the line) of each instruction among a computation's lines."""
+  for line in lines:
+    m = _INSTRUCTION.match(line)
+    if m:
+      yield m.groups()
+
+
 def array_bytes(shape_text: str) -> list[int]:
   """Bytes of each array in an HLO shape (`bf16[64,128]{0,1:T(8,128)}`, or a tuple of them)."""
   return [_DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(',') if d) for t, dims in
@@ -138,16 +146,12 @@ def collectives(text: str, num_slices: int = 1) -> list[Collective]:
   for name, lines in comps.items():
     if not runs.get(name):
       continue
-    for line in lines:
-      m = _INSTRUCTION.match(line)
-      if not m:
-        continue
-      _, shape, op, rest = m.groups()
+    for target, shape, op, rest in _instructions(lines):
       dcn = re.search(r'_xla_megascale_transfer_type="(\w+)"', rest) if op == 'send' else None
       if dcn:
         kind = dcn.group(1).lower().replace('_', '-')
         rendezvous = re.search(r'_xla_host_transfer_rendezvous="([^"]*)"', rest)
-        key = ('dcn', rendezvous.group(1) if rendezvous else m.group(1))
+        key = ('dcn', rendezvous.group(1) if rendezvous else target)
         if kind not in COLLECTIVES or key in seen:
           continue
         seen.add(key)
@@ -157,7 +161,7 @@ def collectives(text: str, num_slices: int = 1) -> list[Collective]:
       if kind not in COLLECTIVES:
         continue
       channel = re.search(r'channel_id=(\d+)', rest)
-      key = ('channel', channel.group(1)) if channel else ('op', name, m.group(1))
+      key = ('channel', channel.group(1)) if channel else ('op', name, target)
       if key in seen:
         continue
       seen.add(key)
@@ -247,11 +251,7 @@ def _sliced_operands(lines: list[str]) -> dict[int, tuple[int, int]]:
   writes into (a scan's stacked per-layer buffers, updated in place): {parameter number: (bytes read of it,
   bytes its in-place update writes)}. Those instructions touch a slice of the array, not all of it."""
   params, uses, shapes = {}, collections.defaultdict(list), {}
-  for line in lines:
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    target, shape, op, rest = m.groups()
+  for target, shape, op, rest in _instructions(lines):
     shapes[target] = shape
     if op == 'parameter':
       params[target] = int(re.match(r'(\d+)', rest).group(1))
@@ -270,10 +270,9 @@ def _sliced_operands(lines: list[str]) -> dict[int, tuple[int, int]]:
 
 
 def _operands_of(lines: list[str], target: str) -> list[str]:
-  for line in lines:
-    m = _INSTRUCTION.match(line)
-    if m and m.group(1) == target:
-      return _operands(m.group(4))
+  for name, _, _, rest in _instructions(lines):
+    if name == target:
+      return _operands(rest)
   return []
 
 
@@ -311,11 +310,7 @@ def costs(text: str) -> dict[str, float]:
     if not times:
       continue
     shapes = {}
-    for line in lines:
-      m = _INSTRUCTION.match(line)
-      if not m:
-        continue
-      target, shape, op, rest = m.groups()
+    for target, shape, op, rest in _instructions(lines):
       shapes[target] = shape
       if op in ('dot', 'convolution'):
         f = _matmul_flops(op, shape, rest, shapes)
