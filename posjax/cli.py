@@ -66,6 +66,8 @@ def quiet_tpu_probe() -> None:
     gpu = any(importlib.util.find_spec(f'jax_plugins.{p}') for p in ('xla_cuda12', 'xla_cuda13', 'xla_rocm7')
               ) if importlib.util.find_spec('jax_plugins') else False
     os.environ['JAX_PLATFORMS'] = 'cuda,cpu' if gpu else 'cpu'
+    if 'jax' in sys.modules:  # `import posjax` already imported jax, which read the variable then
+      sys.modules['jax'].config.update('jax_platforms', os.environ['JAX_PLATFORMS'])
 
 
 def setup_logging(prog: str) -> None:

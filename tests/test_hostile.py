@@ -195,3 +195,23 @@ def test_readers_fall_back_from_a_truncated_latest_checkpoint_without_tracebacks
     out = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and 'Traceback' not in out.stderr, out.stderr[-3000:]
     assert 'checkpoint at step 2 in' in out.stderr and 'unreadable' in out.stderr, out.stderr[-3000:]
+
+
+def test_no_tpu_probe_notices_on_a_machine_without_a_tpu(tmp_path):
+  """With libtpu installed (the test extra brings it) and JAX_PLATFORMS unset, `train.py` on a machine with
+  no TPU says nothing about TPUs: `import posjax` imports jax before the CLI picks the platforms, so the
+  choice must reach jax's config, not only the environment."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.skip('libtpu is not installed: jax does not probe for a TPU')
+  if os.path.exists('/dev/accel0') or os.path.isdir('/dev/vfio'):
+    pytest.skip('this machine may have a TPU')
+  doc = 'the cat {} sat on the mat and ran under the log, then it slept'
+  (tmp_path / 'corpus.txt').write_text('\n\n'.join(doc.format(i) for i in range(60)))
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  env.update(PYTHONPATH=ROOT, TFDS_DATA_DIR=str(tmp_path / 'tfds'))
+  args = [a.format(d=tmp_path) for a in SMALL]
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), BERT, f'--workdir={tmp_path / "w"}', *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'TPU' not in out.stderr and 'libtpu' not in out.stderr, out.stderr[-3000:]
