@@ -3,6 +3,7 @@ kernels against the parameters they were given and NumPy transcriptions of each 
 attention and attention maps against transformers' BERT."""
 
 import dataclasses
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -238,7 +239,15 @@ def test_hf_bert_checkpoint_against_transformers(tmp_path, capsys):
   for name in ('kernels.png', 'positional_attention.png', 'embedding_gram.png', 'attention_maps.png',
                'summary.json'):
     assert (out / name).stat().st_size > 1000 or name == 'summary.json'
-  assert 'positional attention per head' in capsys.readouterr().out
+  captured = capsys.readouterr()
+  assert 'positional attention per head' in captured.out
+  # Progress on stderr: the plan, then a line per figure with panels so far, their rate and the time left.
+  progress = [line for line in captured.err.splitlines() if line.startswith('[analysis] ')]
+  assert progress[0] == '[analysis] 4 figures, 11 panels to draw'  # kernels 2 layers, 2x2 heads, P P^T, 2x2 heads
+  assert len(progress) == 5 and all(re.search(r'\(\d+/11 panels, [\d.]+ panels/s, ETA \d+m\d\ds\)$', line)
+                                     for line in progress[1:]), progress
+  assert progress[-1].startswith(f'[analysis] wrote {out}') and '(11/11 panels' in progress[-1]
+  assert progress[-1].endswith('ETA 0m00s)')
 
 
 def test_cli_refuses_a_directory_that_is_no_checkpoint(tmp_path, capsys):

@@ -24,7 +24,8 @@ def main(argv=None) -> int:
   from posjax.analysis import report  # pylint: disable=g-import-not-at-top
   try:
     ck = analysis.load(args.checkpoint)
-    s = report.analyze(ck, args.out, args.length, args.sentence or report.DEFAULT_SENTENCE)
+    s = report.analyze(ck, args.out, args.length, args.sentence or report.DEFAULT_SENTENCE,
+                       log=lambda line: print(f'[analysis] {line}', file=sys.stderr, flush=True))
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -44,9 +44,10 @@ def kernels(layers: list[dict], path: str, title: str = '') -> str:
   styles = ['-', '--', ':', '-.']
   for li, (ax, layer) in enumerate(zip(axes[0], layers)):
     for vi, (name, k) in enumerate(sorted(layer.items())):
+      few = len(k.values_HxR) <= 8  # a legend entry per head; with more, one per variant (its line style)
       for h, vals in enumerate(k.values_HxR):
         ax.plot(k.offsets_R, vals, styles[vi % len(styles)], color=f'C{h % 10}',
-                label=f'{name} h{h}' if len(k.values_HxR) <= 8 else None)
+                label=f'{name} h{h}' if few else (f'{name} (all heads)' if h == 0 else None))
     ax.axvline(0, color='0.8', lw=0.8, zorder=0)
     ax.set_title(f'layer {li}', fontsize=9)
     ax.set_xlabel('offset d = j - i (key - query)', fontsize=8)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from typing import Callable
 
 import numpy as np
 
 from posjax.analysis import sentence as maps_lib
 from posjax.analysis import invariance, plots, positional as kernels_lib
 from posjax.pretrained import Pretrained as Checkpoint
+from posjax.training import metrics
 
 DEFAULT_SENTENCE = 'The quick brown fox jumps over the lazy dog because it wants to see the river.'
 
@@ -31,42 +34,57 @@ def summary(cfg, params, n: int) -> dict:
   }
 
 
-def analyze(ck: Checkpoint, out: str, length: int | None = None, sentence: str = DEFAULT_SENTENCE) -> dict:
+def analyze(ck: Checkpoint, out: str, length: int | None = None, sentence: str = DEFAULT_SENTENCE,
+            log: Callable[[str], None] | None = None) -> dict:
   """Writes to `out`: summary.json, kernels.png, positional_attention.png (and embedding_gram.png with
   absolute positions, relative_tables.png with convq/convk), attention_maps.png (when the checkpoint has a
-  tokenizer). Returns the summary with
-  the paths of the files written under 'files'."""
+  tokenizer). Returns the summary with the paths of the files written under 'files'. `log` receives a line
+  per figure with the panels drawn so far, their rate and the time left (drawing dominates: a BERT-base
+  takes minutes for its 144-panel heatmaps)."""
   cfg, params = ck.config, ck.params
   n = min(length or 64, cfg.max_position_embeddings)
   os.makedirs(out, exist_ok=True)
   s = summary(cfg, params, n)
   s['source'], s['step'] = ck.kind, ck.step
-  files = []
-  ks = kernels_lib.kernels(cfg, params, n)
   name = f'{cfg.attention} ({ck.kind}{"" if ck.step is None else f", step {ck.step}"})'
+  path = lambda f: os.path.join(out, f)  # noqa: E731
+  figures = []  # (panels, draw() -> path written)
+  ks = kernels_lib.kernels(cfg, params, n)
   if any(ks):
-    files.append(plots.kernels(ks, os.path.join(out, 'kernels.png'), f'positional kernels: {name}'))
+    figures.append((len(ks), lambda: plots.kernels(ks, path('kernels.png'), f'positional kernels: {name}')))
   if s['positional_attention'] is not None:
     pa = kernels_lib.positional_attention(cfg, params, n)
-    files.append(plots.heatmaps(pa, os.path.join(out, 'positional_attention.png'),
-                                f'positional attention (no content, no softmax): {name}',
-                                scores=s['positional_attention'], value='logit from position alone'))
+    figures.append((sum(len(a) for a in pa), lambda: plots.heatmaps(
+        pa, path('positional_attention.png'), f'positional attention (no content, no softmax): {name}',
+        scores=s['positional_attention'], value='logit from position alone')))
   tables = kernels_lib.relative_tables(cfg, params, n)
   if any(tables):
-    files.append(plots.tables(tables, os.path.join(out, 'relative_tables.png'),
-                              f'convq/convk tables: {name}'))
+    figures.append((sum(len(t) for t in tables), lambda: plots.tables(
+        tables, path('relative_tables.png'), f'convq/convk tables: {name}')))
   p_NxD = kernels_lib.position_embeddings(cfg, params, n)
   if p_NxD is not None:
-    files.append(plots.heatmaps([(p_NxD @ p_NxD.T)[None]], os.path.join(out, 'embedding_gram.png'),
-                                f'P P^T, tau={s["embedding_gram"]:.3f}', labels=['embeddings'],
-                                value='p_i . p_j'))
+    figures.append((1, lambda: plots.heatmaps(
+        [(p_NxD @ p_NxD.T)[None]], path('embedding_gram.png'), f'P P^T, tau={s["embedding_gram"]:.3f}',
+        labels=['embeddings'], value='p_i . p_j')))
   if ck.tokenizer is not None:
     ids, tokens = maps_lib.tokenize(ck.tokenizer, sentence, cfg.max_position_embeddings)
     maps = maps_lib.attention_maps(cfg, params, ids)
-    files.append(plots.heatmaps(maps, os.path.join(out, 'attention_maps.png'), f'attention of a sentence: {name}',
-                                tokens=tokens, value='attention probability'))
+    figures.append((sum(len(m) for m in maps), lambda: plots.heatmaps(
+        maps, path('attention_maps.png'), f'attention of a sentence: {name}', tokens=tokens,
+        value='attention probability')))
+  total = sum(panels for panels, _ in figures)
+  if log:
+    log(f'{len(figures)} figures, {total} panels to draw')
+  files, done, start = [], 0, time.perf_counter()
+  for panels, draw in figures:
+    files.append(draw())
+    done += panels
+    if log:
+      spent = time.perf_counter() - start
+      log(f'wrote {files[-1]} ({done}/{total} panels, {done / max(spent, 1e-9):.1f} panels/s, '
+          f'ETA {metrics.duration(spent / done * (total - done))})')
   s['files'] = files
-  with open(os.path.join(out, 'summary.json'), 'w') as f:
+  with open(path('summary.json'), 'w') as f:
     json.dump(s, f, indent=1)
   return s
 
