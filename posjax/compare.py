@@ -15,7 +15,9 @@ stopped comparison has every variant.
 
 Written to OUT after every run: results.md and results.csv (per variant, over its seeds: the mean, the
 standard deviation and the range of every measured column, and the difference of each mean to the first
-variant's in units of the pooled seed standard deviation, marked where it is larger than the seed spread),
+variant's in units of the pooled seed standard deviation, marked where it is larger than the seed spread;
+with the reproduce preset, each paper's claim with its verdict: in the claimed direction or not, by how many
+seed standard deviations),
 runs.csv (one row per run) and loss_curves.png (the mean over seeds, the band their range). Columns:
 parameters, final training loss, held-out MLM loss and accuracy, translation invariance of the layer-0
 positional attention, training seconds.
@@ -71,7 +73,14 @@ PRESETS = {
         seeds='0,1,2', overrides={
             'data.files': '{data}/imdb/imdb_unsup.jsonl.gz', 'data.seq_len': 64, 'batch_size': 32,
             'data.vocab_size': 8192, 'warmup_steps': 200, 'eval_batches': 32},
-        glue='sst2', glue_dir='{data}/sst2', glue_set={'num_train_steps': 500, 'data.seq_len': 64}),
+        glue='sst2', glue_dir='{data}/sst2', glue_set={'num_train_steps': 500, 'data.seq_len': 64},
+        claims=(
+            ('absolute', 'tisa', 'Wennberg & Henter 2021: TISA without absolute positions does at least as well '
+             'as learned absolute positions.'),
+            ('absolute', 'convfixed+convq+convk', "Chang et al. 2021: composite attention without absolute "
+             "positions improves on BERT's absolute positions."),
+            ('absolute', 'absolute+convbert', "Jiang et al. 2020: ConvBERT's mixed attention improves on BERT's "
+             'self-attention.'))),
 }
 DEFAULT_DATA = os.path.join('..', 'shared', 'data')
 
@@ -271,10 +280,11 @@ def _parse_seeds(text: str, flag: str = '--seeds') -> list[int]:
 
 
 def run(variants: list[str], size: str, steps: int, out: str, seeds=(0,), overrides: dict | None = None,
-        evaluations: dict[str, Callable] | None = None, data_seed: int | str = 0) -> list[dict]:
+        evaluations: dict[str, Callable] | None = None, data_seed: int | str = 0, claims=()) -> list[dict]:
   """Trains each variant with each model seed in OUT/<variant>/seed<N>/ and writes results.md, results.csv,
   runs.csv and loss_curves.png to OUT; returns the rows of the runs. `data_seed`: the data seed of every run,
   or 'each': the run's model seed. `evaluations` add columns like `register_evaluation`'s, for this call only.
+  `claims`: (baseline, variant, statement) triples whose verdicts results.md states (see claim_lines).
   Raises trainer.Stopped when a run was stopped by a signal (its checkpoint saved)."""
   from posjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from posjax.training import metrics, pretraining  # pylint: disable=g-import-not-at-top
@@ -322,7 +332,7 @@ def run(variants: list[str], size: str, steps: int, out: str, seeds=(0,), overri
         f'{metrics.duration(seconds)}, {rate}with evaluations {metrics.duration(time.perf_counter() - t0)}); '
         f'overall {i}/{len(plan)} runs in {metrics.duration(time.perf_counter() - started)}'
         + (f', ETA {metrics.duration(np.mean(spent) * left)}' if left and spent else ''))
-    write_tables(rows, out, caption)
+    write_tables(rows, out, caption, claims)
   from posjax.analysis import plots  # pylint: disable=g-import-not-at-top
   plots.loss_curves({v: [read_metrics(run_dir(out, v, s)) for s in seeds] for v in variants},
                     os.path.join(out, 'loss_curves.png'), f'MLM pretraining: {caption}')
@@ -357,18 +367,47 @@ def summarise(rows: list[dict]) -> tuple[list[str], list[dict]]:
                 f'{k}_min': float(x.min()) if len(x) else None, f'{k}_max': float(x.max()) if len(x) else None,
                 f'{k}_n': len(x)})
     out.append(s)
-  first = out[0]
   for s in out[1:]:
     for k in cols:
-      if s[f'{k}_mean'] is None or first[f'{k}_mean'] is None:
-        continue
-      delta = s[f'{k}_mean'] - first[f'{k}_mean']
-      s[f'{k}_delta'] = delta
-      if s[f'{k}_std'] is not None and first[f'{k}_std'] is not None:
-        pooled = float(np.sqrt((s[f'{k}_std'] ** 2 + first[f'{k}_std'] ** 2) / 2))
-        s[f'{k}_sigmas'] = delta / pooled if pooled else (0.0 if delta == 0 else float(np.copysign(np.inf, delta)))
-        s[f'{k}_beyond_spread'] = abs(delta) > SPREADS * pooled
+      s.update({f'{k}_{name}': value for name, value in _versus(s, out[0], k).items()})
   return cols, out
+
+
+def _versus(s: dict, base: dict, k: str) -> dict:
+  """Column k of variant summary `s` against `base`'s: delta (of the means), sigmas (delta over the pooled
+  standard deviation) and beyond_spread (|delta| > SPREADS pooled std); the last two only with spreads."""
+  if s.get(f'{k}_mean') is None or base.get(f'{k}_mean') is None:
+    return {}
+  delta = s[f'{k}_mean'] - base[f'{k}_mean']
+  if s[f'{k}_std'] is None or base[f'{k}_std'] is None:
+    return {'delta': delta}
+  pooled = float(np.sqrt((s[f'{k}_std'] ** 2 + base[f'{k}_std'] ** 2) / 2))
+  sigmas = delta / pooled if pooled else (0.0 if delta == 0 else float(np.copysign(np.inf, delta)))
+  return {'delta': delta, 'sigmas': sigmas, 'beyond_spread': abs(delta) > SPREADS * pooled}
+
+
+def claim_lines(summary: list[dict], cols: list[str], claims) -> list[str]:
+  """A line per claim (baseline, variant, statement) whose two variants ran: for the held-out MLM loss (lower
+  is better) and every fine-tuning score (higher is better), both means, their difference, whether it is in
+  the claimed direction and how many pooled seed standard deviations it is."""
+  by_name = {s['variant']: s for s in summary}
+  lines = []
+  for base, variant, statement in claims:
+    if base not in by_name or variant not in by_name:
+      continue
+    s, b, parts = by_name[variant], by_name[base], []
+    for k, better in [('eval_loss', -1)] + [(c, 1) for c in cols if c.endswith('_score')]:
+      v = _versus(s, b, k)
+      if not v:
+        continue
+      what = 'held-out MLM loss' if k == 'eval_loss' else f'{k[:-len("_score")]} dev score'
+      way = 'in the claimed direction' if v['delta'] * better > 0 else 'against the claimed direction'
+      spread = ('one seed, no spread' if 'sigmas' not in v else
+                f'{abs(v["sigmas"]):.1f}σ, {"beyond" if v["beyond_spread"] else "within"} the seed spread')
+      parts.append(f'{what} {_fmt(s[f"{k}_mean"], k)} vs {_fmt(b[f"{k}_mean"], k)} '
+                   f'(Δ {"+" if v["delta"] >= 0 else ""}{_fmt(v["delta"], k, s[f"{k}_mean"])}, {way}, {spread})')
+    lines.append(f'- **{statement}** ({variant} against {base}) ' + '; '.join(parts) + '.')
+  return lines
 
 
 def _fmt(v, key: str = '', like=None) -> str:
@@ -404,9 +443,10 @@ def _difference(s: dict, k: str) -> str:
   return text
 
 
-def write_tables(rows: list[dict], out: str, caption: str) -> None:
-  """results.md (means ± std [range], differences to the first variant, every run), results.csv (the
-  summary per variant) and runs.csv (every run) in `out`."""
+def write_tables(rows: list[dict], out: str, caption: str, claims=()) -> None:
+  """results.md (means ± std [range], each claim's verdict, differences to the first variant, every run),
+  results.csv (the summary per variant) and runs.csv (every run) in `out`. `claims`: (baseline, variant,
+  statement) triples, see claim_lines."""
   cols, summary = summarise(rows)
   run_cols = list(dict.fromkeys(list(COLUMNS) + [k for r in rows for k in r]))
   with open(os.path.join(out, 'runs.csv'), 'w', newline='') as f:
@@ -426,6 +466,9 @@ def write_tables(rows: list[dict], out: str, caption: str) -> None:
            '| variant | seeds | parameters | ' + ' | '.join(cols) + ' |', '|' + '---|' * (len(cols) + 3)]
   lines += [f'| {s["variant"]} | {s["seeds"]} | {_fmt(s["parameters"])} | ' +
             ' | '.join(_spread(s, k) for k in cols) + ' |' for s in summary]
+  claimed = claim_lines(summary, cols, claims)
+  if claimed:
+    lines += ['', 'Claim by claim:', ''] + claimed
   if len(summary) > 1:
     lines += ['', f'Difference of the means to {first} (σ: the pooled seed standard deviation, sqrt((s1² + '
               f's2²) / 2); * where |Δ| > {SPREADS:g}σ, a difference larger than the seed spread):', '',
@@ -514,7 +557,7 @@ def main(argv=None) -> int:
     cli.setup_logging('posjax compare')  # the trainer's progress lines
     log(host_memory.keep_freed_memory())
     run(variants, args.size or preset.get('size', 'tiny'), steps, args.out, seeds, overrides,
-        evaluations=evaluations, data_seed=data_seed)
+        evaluations=evaluations, data_seed=data_seed, claims=preset.get('claims', ()))
   except trainer.Stopped as e:
     log(f'stopped: {e}; the finished runs are kept')
     return e.exit_code

@@ -41,6 +41,7 @@ def test_reproduce_preset_is_the_papers_variants_and_every_one_builds():
   p = compare.PRESETS['reproduce']
   assert p['variants'].split(',') == ['absolute', 'tisa', 'convfixed+convq+convk', 'absolute+convbert']
   assert (p['seeds'], p['glue']) == ('0,1,2', 'sst2')
+  assert [(b, v) for b, v, _ in p['claims']] == [('absolute', v) for v in p['variants'].split(',')[1:]]
   for v in p['variants'].split(','):
     c = compare.make_config(p['size'], v, p['steps'], overrides=compare._with_data(p['overrides'], '/d'))
     assert c.data.files == '/d/imdb/imdb_unsup.jsonl.gz'
@@ -104,12 +105,32 @@ def test_table_of_means_spreads_and_differences_beyond_the_seed_spread(tmp_path)
   assert '| absolute | 3 | 1,000 | 6.1000 ± 0.1000 [6.0000, 6.2000] | 11 ± 1 [10, 12] | 80.00 ± 2.00 [78.00, 82.00] |' in md
   assert '| tisa | -0.6000 (-6.0σ) * | +0 (+0.0σ) | +1.00 (+0.5σ) |' in md
   assert '| tisa | 2 | 0 | 1,000 | 30 | - | 5.6000 | - | - | 12 | 83.00 | p |' in md  # every run, in runs order
+  assert 'Claim by claim' not in md  # none given
   with open(tmp_path / 'results.csv') as f:
     got = list(csv.DictReader(f))
   assert [r['variant'] for r in got] == ['absolute', 'tisa']
   assert float(got[1]['eval_loss_sigmas']) == pytest.approx(-6.0) and got[1]['eval_loss_beyond_spread'] == 'True'
   with open(tmp_path / 'runs.csv') as f:
     assert len(list(csv.DictReader(f))) == 6
+
+
+def test_claims_state_direction_and_spread_against_their_own_baseline(tmp_path):
+  """Each claim whose two variants ran gets a line: MLM loss (lower is better) and each fine-tuning score
+  (higher is better), against the claim's baseline (not the table's first variant); one-seed variants say so."""
+  rows = [_row('tisa', 0, 5.4, 81.0), _row('tisa', 1, 5.5, 79.0), _row('tisa', 2, 5.6, 83.0),
+          _row('absolute', 0, 6.0, 80.0), _row('absolute', 1, 6.1, 78.0), _row('absolute', 2, 6.2, 82.0),
+          _row('alibi', 0, 6.3, 70.0)]
+  claims = [('absolute', 'tisa', 'TISA beats absolute.'), ('absolute', 'alibi', 'ALiBi beats absolute.'),
+            ('absolute', 'rope', 'never ran.')]
+  compare.write_tables(rows, str(tmp_path), 'x', claims)
+  md = (tmp_path / 'results.md').read_text()
+  assert ('- **TISA beats absolute.** (tisa against absolute) held-out MLM loss 5.5000 vs 6.1000 (Δ -0.6000, '
+          'in the claimed direction, 6.0σ, beyond the seed spread); sst2 dev score 81.00 vs 80.00 (Δ +1.00, in '
+          'the claimed direction, 0.5σ, within the seed spread).') in md
+  assert ('- **ALiBi beats absolute.** (alibi against absolute) held-out MLM loss 6.3000 vs 6.1000 (Δ +0.2000, '
+          'against the claimed direction, one seed, no spread); sst2 dev score 70.00 vs 80.00 (Δ -10.00, against '
+          'the claimed direction, one seed, no spread).') in md
+  assert 'never ran' not in md and md.index('Claim by claim:') < md.index('Difference of the means to tisa')
 
 
 def test_one_seed_has_no_spread_and_no_mark(tmp_path):
@@ -268,7 +289,7 @@ def test_cli_with_extrapolation_and_sst2_columns(tmp_path, capsys, shared_data):
 
 @pytest.mark.slow
 def test_reproduce(tmp_path, shared_data):
-  """The README's evidence: `posjax compare --preset reproduce` for real (under two hours on 2 CPU cores).
+  """The README's evidence: `posjax compare --preset reproduce` for real (about an hour on 2 CPU cores).
   Every run learns (held-out MLM loss well under the unigram level, SST-2 well over the majority class's
   50.9%) and the tables have every variant with three seeds."""
   assert compare.main(['--preset', 'reproduce', '--data', shared_data, '--out', str(tmp_path)]) == 0
