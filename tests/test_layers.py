@@ -29,15 +29,18 @@ def test_broadcast_batch_value_and_gradient_match_a_plain_broadcast(shape, dtype
                              atol=tol * 10)
 
 
-def test_forward_mode_passes_through_broadcast_batch_and_a_model_using_it():
+@pytest.mark.parametrize('variant', ['tisa', 'relative_key_query'])
+def test_forward_mode_passes_through_broadcast_batch_and_a_model_using_it(variant):
   bias = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 4))
   t = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 4))
   _, tangent = jax.jvp(lambda b: broadcast_batch(b, 5), (bias,), (t,))
   np.testing.assert_array_equal(tangent, np.broadcast_to(t, (5, 3, 4)))
-  # a TISA BERT (batch-shared position bias, MLM decoder bias): jvp against a central difference
+  # A BERT whose score terms go through a batch-shared bias and the skew (TISA) or the blocked q.r / k.r
+  # products (relative_key_query), with the MLM decoder bias: jvp against a central difference. No custom
+  # VJP may sit on these paths (JAX cannot differentiate one in forward mode).
   import posjax
   cfg = posjax.ModelConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=20,
-                           max_position_embeddings=16, attention='tisa')
+                           max_position_embeddings=16, attention=variant)
   ids = jax.random.randint(jax.random.PRNGKey(2), (3, 7), 5, 40)
   model = posjax.Bert(cfg)
   params = nn.unbox(model.init(jax.random.PRNGKey(0), ids))['params']

@@ -61,27 +61,9 @@ def toeplitz(v_xR, length: int):
   return skew(jnp.broadcast_to(v_xR[..., None, :], (*batch, length, r)), length)
 
 
-@jax.custom_vjp
 def block_dot(x_NxMxDh, r_NxRxDh):
   """s[n, m, r] = x[n, m] . r[n, r]: each query block against its own distances."""
   return jax.lax.dot_general(x_NxMxDh, r_NxRxDh, (((2,), (2,)), ((0,), (0,))))
-
-
-def _block_dot_fwd(x_NxMxDh, r_NxRxDh):
-  return block_dot(x_NxMxDh, r_NxRxDh), (x_NxMxDh, r_NxRxDh)
-
-
-def _block_dot_bwd(res, ds_NxMxR):
-  # Autodiff would form dr as ds^T . x, contracting ds over its rows; XLA on CPU then copies the whole
-  # NxMxR cotangent into a transposed layout first (the slowest op of the backward pass). dr^T = x^T . ds
-  # reads ds as it lies and transposes only the small NxDhxR result.
-  x_NxMxDh, r_NxRxDh = res
-  dx_NxMxDh = jax.lax.dot_general(ds_NxMxR, r_NxRxDh, (((2,), (1,)), ((0,), (0,))))
-  dr_NxDhxR = jax.lax.dot_general(x_NxMxDh, ds_NxMxR, (((1,), (1,)), ((0,), (0,))))
-  return dx_NxMxDh, jnp.swapaxes(dr_NxDhxR, 1, 2)
-
-
-block_dot.defvjp(_block_dot_fwd, _block_dot_bwd)
 
 
 def relative_scores(x_BxLxHxDh, table_RxDh, m: int, block: int):
