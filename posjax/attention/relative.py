@@ -12,10 +12,8 @@ Only the distances a length-L sequence has are looked up: q (and k) meet them in
 that a skew (pad-free reshape) turns into the BxHxLxL term, never building BxHxLxLxDh. Queries go in blocks
 of `relative_block` rows: a block of b queries needs only b+L-1 of the 2L-1 distances, which cuts the extra
 matmul work from ~2x to ~(b+L)/L x that of q.k (at L=512, b=64: 44% fewer FLOPs than one block).
-Each block's product is a row-major (B*H*b)x(b+L-1) matrix. The backward passes of the product
-(`block_dot`) and of the skew are written by hand: autodiff's versions copy the Nx(B*H*b)x(b+L-1) cotangent
-into a transposed layout, or re-read it through nested reshapes, and on CPU those copies cost more than the
-matmuls. Being custom VJPs, they have no forward-mode rule: jax.jvp / jacfwd through these variants raise.
+Each block's product is a row-major (B*H*b)x(b+L-1) matrix. The product and the skew are plain dot_general,
+reshapes and slices with autodiff's own derivatives, so forward-mode autodiff (jax.jvp, jacfwd) passes through.
 """
 
 from __future__ import annotations
