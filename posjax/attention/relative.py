@@ -35,7 +35,7 @@ def skew(s_xBxR, width: int | None = None):
 
   Row i of the flattened array starts at i*R; dropping the first b-1 entries and re-reading rows of width
   R-1 moves row i's start to offset (b-1) - i within it, which is where column j = 0 lives. Plain reshapes and
-  slices, so forward-mode autodiff passes through (a custom VJP made the backward a third faster on CPU only).
+  slices, so forward-mode autodiff passes through.
   """
   *batch, b, r = s_xBxR.shape
   width = b if width is None else width
