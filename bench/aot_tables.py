@@ -103,8 +103,8 @@ def models(args):
         try:
           best, tried = compile_lib.find_max_batch(c, devices, topo.chip, max_compiles=args.max_compiles,
                                                    known=known, log=lambda s: print('  ', s, flush=True))
-        except compile_lib.DoesNotFit:
-          row.update(largest=0, tried=[], largest_exact=True, largest_mfu=None)
+        except compile_lib.DoesNotFit as e:  # no batch fits, or none tried before the compile budget ran out
+          row.update(largest=0, below=e.below, tried=[], largest_exact=e.below is None, largest_mfu=None)
         else:
           largest = best.config.batch_size
           r = compile_lib.report(best, topo.chip, topo.name)
@@ -119,7 +119,8 @@ def models(args):
   for row in rows.values():
     fits = (f'yes, {row["memory_gib"]:.1f}' if row.get('fits') else
             (f'no, {row["memory_gib"]:.1f}' if 'memory_gib' in row else 'no'))
-    largest = ('' if row.get('largest_exact') else '>= ') + str(row['largest'])
+    largest = (f'< {row["below"]}' if row.get('below') else
+               ('' if row.get('largest_exact') else '>= ') + str(row['largest']))
     mfu = f'{100 * row["largest_mfu"]:.0f}%' if row['largest_mfu'] else '-'
     table.append(f'| {row["model"]} | {row["L"]} | {row["topology"]} | {fits} | {largest} | {mfu} | '
                  f'{row["compile_s"]:.0f} |')

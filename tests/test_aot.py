@@ -299,6 +299,18 @@ def test_find_max_batch_closes_the_bracket_in_few_compiles(monkeypatch, devices,
   assert len(calls) <= compiles, calls
 
 
+@pytest.mark.parametrize('max_compiles, below, message', [
+    (16, None, 'no batch fits: not even 1 '),
+    (2, 256, 'no batch tried fits, down to 256: the search stopped after 2 compiles')])  # 1024, then a quarter
+def test_find_max_batch_without_a_fit_says_whether_it_reached_the_smallest_batch(monkeypatch, devices, max_compiles,
+                                                                                 below, message):
+  topo, devs = devices('v5e:1x1')
+  monkeypatch.setattr(compile_lib, '_probe', lambda *args: (None, None))  # nothing fits
+  with pytest.raises(compile_lib.DoesNotFit, match=message) as e:
+    compile_lib.find_max_batch(small_config(batch_size=1024), devs, topo.chip, max_compiles=max_compiles)
+  assert e.value.below == below
+
+
 def test_bytes_of_in_place_updates_count_the_slice():
   # A scan writes each layer's activations into a stacked buffer in place: a slice, not the whole buffer.
   text = '\n'.join([

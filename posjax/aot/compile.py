@@ -34,7 +34,12 @@ GiB = 2 ** 30
 
 
 class DoesNotFit(ConfigError):
-  """The TPU compiler found the step needs more memory than a chip has."""
+  """The TPU compiler found the step needs more memory than a chip has. `below`: when a search for the
+  largest batch stopped early, the smallest batch found not to fit (a smaller one was not tried)."""
+
+  def __init__(self, message: str, below: int | None = None):
+    super().__init__(message)
+    self.below = below
 
 
 def batch_divisor(config, mesh) -> int:
@@ -165,8 +170,13 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
       guess = 2 * lo if hi is None else (hi // 4 if not lo else (lo + hi) // 2)
     k = max(guess, lo + 1) if hi is None else min(max(guess, lo + 1), hi - 1)
   if not lo:
-    raise DoesNotFit(f'no batch fits: not even {min(tried or [d])} (batch sizes are multiples of grad_accum_steps '
-                     f'x the mesh axes the batch is split over, {d})')
+    smallest = min(tried + [b for b, made in (known or {}).items() if made is None] or [d])
+    if smallest <= d:
+      raise DoesNotFit(f'no batch fits: not even {d} (batch sizes are multiples of grad_accum_steps x the mesh '
+                       f'axes the batch is split over, {d})')
+    raise DoesNotFit(f'no batch tried fits, down to {smallest}: the search stopped after {len(tried)} compiles '
+                     f'(max_compiles) before reaching {d}, the smallest batch; a batch under {smallest} may fit',
+                     below=smallest)
   return best, tried
 
 
