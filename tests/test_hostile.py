@@ -215,3 +215,29 @@ def test_no_tpu_probe_notices_on_a_machine_without_a_tpu(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'TPU' not in out.stderr and 'libtpu' not in out.stderr, out.stderr[-3000:]
+  # The other programs (`python -m posjax.X`) too: analysis runs the model on the trained checkpoint.
+  out = subprocess.run([sys.executable, '-m', 'posjax.analysis', f'--checkpoint={tmp_path / "w"}',
+                        f'--out={tmp_path / "a"}', '--length=8'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'TPU' not in out.stderr and 'libtpu' not in out.stderr, out.stderr[-3000:]
+
+
+def test_every_program_picks_the_platforms_before_jax_starts():
+  """Each `python -m posjax...` program's entry calls cli.quiet_tpu_probe (the `posjax` command does it for
+  its subcommands); aot sets JAX_PLATFORMS=cpu itself."""
+  programs = []
+  for dirpath, _, names in os.walk(os.path.join(ROOT, 'posjax')):
+    for name in names:
+      path = os.path.join(dirpath, name)
+      if name.endswith('.py') and "if __name__ == '__main__':" in open(path).read():
+        programs.append(os.path.relpath(path, ROOT))
+  assert len(programs) >= 7, programs
+  for path in programs:
+    entry = open(os.path.join(ROOT, path)).read().split("if __name__ == '__main__':", 1)[1]
+    if path in ('posjax/cli.py', 'posjax/attention/table.py'):  # the CLI calls it per command; table: no jax run
+      continue
+    if path == 'posjax/aot/__main__.py':
+      assert "os.environ.setdefault('JAX_PLATFORMS', 'cpu')" in open(os.path.join(ROOT, path)).read()
+      continue
+    assert 'cli.quiet_tpu_probe()' in entry, path

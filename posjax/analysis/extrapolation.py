@@ -224,4 +224,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  from posjax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_tpu_probe()
   sys.exit(main())

@@ -90,4 +90,6 @@ def prepare(flags_):
 
 
 if __name__ == '__main__':
+  from posjax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_tpu_probe()
   app.run(main)
