@@ -154,7 +154,7 @@ def real_batches():
     pytest.param(v, marks=pytest.mark.slow) if '+' in v or v in ('absolute', 'convbert') else v for v in variants()])
 def test_bert_tiny_trains(variant, real_batches):
   data, vocab = real_batches
-  cfg = posjax.ModelConfig(vocab_size=vocab, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+  cfg = posjax.ModelConfig(vocab_size=vocab, hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128,
                            max_position_embeddings=64, attention=variant)
   objective = objectives.MaskedLM(posjax.Bert(cfg), 32, data.max_predictions)
   tx = optax.adamw(3e-3)
