@@ -114,16 +114,22 @@ def models(args):
                      largest_memory_gib=r['memory_per_chip']['total'] / GiB)
         rows[key] = row
         _save(path, rows)
-  table = ['| model | L | topology (chips) | batch 256: fits, GiB/chip | largest batch | est. MFU there | '
-           'compile (s) |', '|---|---|---|---|---|---|---|']
+  # The README's table, as it stands there.
+  table = ['| model | L | topology | mesh | batch 256 | largest batch that fits | est. MFU there | compile |',
+           '|---|---|---|---|---|---|---|---|']
   for row in rows.values():
-    fits = (f'yes, {row["memory_gib"]:.1f}' if row.get('fits') else
-            (f'no, {row["memory_gib"]:.1f}' if 'memory_gib' in row else 'no'))
-    largest = (f'< {row["below"]}' if row.get('below') else
-               ('' if row.get('largest_exact') else '>= ') + str(row['largest']))
-    mfu = f'{100 * row["largest_mfu"]:.0f}%' if row['largest_mfu'] else '-'
-    table.append(f'| {row["model"]} | {row["L"]} | {row["topology"]} | {fits} | {largest} | {mfu} | '
-                 f'{row["compile_s"]:.0f} |')
+    fits = f'fits, {row["memory_gib"]:.2f} GiB/chip' if row.get('fits') else 'does not fit'
+    if row.get('below'):
+      largest = f'< {row["below"]} (none tried fits)'
+    else:
+      largest = ('' if row.get('largest_exact') else '>= ') + str(row['largest'])
+      if row.get('largest_memory_gib'):
+        largest += f' ({row["largest_memory_gib"]:.1f} GiB/chip)'
+    mfu = f'{100 * row["largest_mfu"]:.0f}%' if row.get('largest_mfu') else '-'
+    compile_s = f'{row["compile_s"]:.0f} s' if row.get('fits') else '-'  # else: the time of a failed compile
+    chips = topology.parse(row['topology']).chips
+    table.append(f'| {row["model"]} | {row["L"]} | {row["topology"]} | FSDP over {chips} chips | {fits} | '
+                 f'{largest} | {mfu} | {compile_s} |')
   return '\n'.join(table)
 
 
