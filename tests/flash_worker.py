@@ -1,7 +1,8 @@
 """Run in a process with 8 CPU devices by tests/test_flash.py: a TISA+T5 attention layer's output and gradients
 with the fused kernel under a data x fsdp x tensor = 2 x 2 x 2 mesh (batch over data and fsdp, heads over
 tensor) and with the XLA path on one device, written to an .npz; also the output for a single row, which the
-batch axes do not divide."""
+batch axes do not divide. Both kernels: the TPU's (Mosaic) with heads of 8, the GPU's (Triton) with heads of
+16, each in interpret mode."""
 
 import os
 import sys
@@ -20,22 +21,33 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import load_config_module  # noqa: E402
 import posjax  # noqa: E402
+from posjax.attention import flash  # noqa: E402
 from posjax.training import sharding  # noqa: E402
 
 
 def main(out):
+  results = {}
+  for kernel, hidden in (('mosaic', 32), ('triton', 64)):
+    flash.kernel_for = lambda platform, kernel=kernel: kernel
+    results.update({f'{kernel}/{k}': v for k, v in compare(hidden).items()})
+  np.savez(out, **results)
+
+
+def compare(hidden):
   rules = sharding.rules(load_config_module('bert').get_config('tiny'))
-  cfg = posjax.ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=48,
+  cfg = posjax.ModelConfig(vocab_size=64, hidden_size=hidden, num_layers=1, num_heads=4, intermediate_size=48,
                            max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0,
                            attention='tisa+t5', attention_options=(('t5_num_buckets', 8), ('tisa_kernels', 2)))
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((8, 20, 32)).astype(np.float32)
+  x = rng.standard_normal((8, 20, hidden)).astype(np.float32)
   mask = np.ones((8, 20), bool)
   mask[::3, 13:] = False
   w = rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(x.size)
   shapes = nn.unbox(jax.eval_shape(posjax.attention.MultiHeadAttention(cfg).init, jax.random.PRNGKey(0), x,
                                    mask)['params'])
-  params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+  # Weights scaled with the width so both configurations give outputs of the same size (a few units).
+  params = jax.tree.map(lambda s: (0.3 * np.sqrt(32 / hidden) * rng.standard_normal(s.shape)).astype(np.float32),
+                        shapes)
   results = {}
   for impl, shape in (('xla', (1, 1, 1)), ('pallas', (2, 2, 2))):
     layer = posjax.attention.MultiHeadAttention(dataclasses.replace(cfg, attention_impl=impl))
@@ -58,7 +70,7 @@ def main(out):
     results[f'{impl}/y_one_row'] = np.asarray(y1)
     for path, leaf in jax.tree_util.tree_leaves_with_path(g):
       results[f'{impl}/{jax.tree_util.keystr(path)}'] = np.asarray(leaf)
-  np.savez(out, **results)
+  return results
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
-"""The fused Pallas kernel (posjax.attention.flash), run in interpret mode on the CPU, against posjax's XLA
-path: jax.nn.dot_product_attention with the offset tables spread into a dense bias. Outputs and gradients
+"""The fused Pallas kernels (posjax.attention.flash: Mosaic for TPUs, and its Triton form for GPUs in
+flash_gpu), run in interpret mode on the CPU, against posjax's XLA path: jax.nn.dot_product_attention with
+the offset tables spread into a dense bias. Outputs and gradients
 (q, k, v, the table and every position parameter) agree within 1e-5 in float32; the whole-model and train-step
 tests switch only `model.attention_impl`. Interpret mode is slow, so the default cases are tiny and the
 sweep over every single term, block shape and bf16 runs with `-m slow`."""
@@ -18,7 +19,7 @@ import pytest
 from absl import logging
 
 import posjax
-from posjax.attention import flash, offsets, registry
+from posjax.attention import flash, flash_gpu, offsets, registry
 from posjax.errors import ConfigError
 from posjax.data import pipeline, pretrain
 from posjax.training import objectives, pretraining, steps
@@ -83,6 +84,39 @@ def test_kernel_matches_xla_outputs_and_gradients(shape, blocks, with_table):
   np.testing.assert_allclose(o1, o2, atol=TOL, rtol=0)
   for name, a, b in zip(('q', 'k', 'v', 'table'), g1, g2):
     np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=name)
+
+
+# The GPU kernel: L=100 padded to 128 (two blocks of 64, the second partly padding), with a padded row and
+# a padding-only row; then no table.
+@pytest.mark.parametrize('shape, with_table', [((3, 100, 2, 16), True), ((2, 77, 2, 16), False)])
+def test_gpu_kernel_matches_xla_outputs_and_gradients(shape, with_table):
+  q, k, v, table, mask = inputs(*shape)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+  (o1, g1), (o2, g2) = both_ways(q, k, v, table if with_table else None, mask, w, kernel='triton')
+  np.testing.assert_allclose(o1, o2, atol=TOL, rtol=0)
+  for name, a, b in zip(('q', 'k', 'v', 'table'), g1, g2):
+    np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=name)
+
+
+def test_gpu_kernel_lowers_to_triton():
+  """Lowered for CUDA on this CPU host (no GPU): Pallas turns the forward kernel and the two backward kernels
+  into Triton IR, one custom call each, for BERT-base's heads in bfloat16. Triton's own compilation to PTX
+  happens in XLA on a GPU and is not checked here."""
+  b, l, h, dh = 2, 200, 12, 64
+  s = jax.ShapeDtypeStruct
+  x, table, mask = s((b, l, h, dh), jnp.bfloat16), s((h, 2 * l - 1), jnp.float32), s((b, l), jnp.bool_)
+
+  def loss(q, k, v, t, m):
+    return jnp.sum(flash.attention(q, k, v, t, m, scale=0.125, kernel='triton').astype(jnp.float32))
+  for fn, calls in ((loss, 1), (jax.grad(loss, (0, 1, 2, 3)), 3)):
+    text = jax.jit(fn).trace(x, x, x, table, mask).lower(lowering_platforms=('cuda',)).as_text()
+    assert text.count('custom_call @__gpu$xla.gpu.triton') == calls
+
+
+def test_gpu_kernel_refuses_head_dimensions_triton_cannot_tile():
+  q, k, v, table, mask = inputs(2, 20, 2, 8)
+  with pytest.raises(ConfigError, match='power of two >= 16; got 8'):
+    flash.attention(q, k, v, table, mask, scale=1.0, kernel='triton', interpret=True)
 
 
 def test_blocks_pad_to_a_common_multiple():
@@ -155,8 +189,11 @@ def test_layer_with_kernel_matches_xla(variant):
       assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(g_params[term])), term
 
 
-def test_train_step_with_kernel_matches_xla():
-  """A whole BERT MLM step (dropout off): the loss and every gradient, the kernel against the XLA path."""
+@pytest.mark.parametrize('kernel', ['mosaic', 'triton'])
+def test_train_step_with_kernel_matches_xla(kernel, monkeypatch):
+  """A whole BERT MLM step (dropout off): the loss and every gradient, the kernel against the XLA path; the
+  CPU runs the kernel a GPU would as well as the TPU's."""
+  monkeypatch.setattr(flash, 'kernel_for', lambda platform: kernel)
   c = micro_config('tiny,tisa+alibi')
   c.data.seq_len, c.batch_size = 24, 4
   rng = np.random.default_rng(0)
@@ -206,7 +243,7 @@ def test_no_length_by_length_tensor_with_the_kernel():
   assert largest('pallas') < l * l
 
 
-def test_auto_picks_the_kernel_on_tpu_only_when_the_call_allows(monkeypatch, caplog):
+def test_auto_picks_the_kernel_on_tpu_and_gpu_only_when_the_call_allows(monkeypatch, caplog):
   monkeypatch.setattr(flash, 'target_platform', lambda: 'tpu')
   monkeypatch.setattr(flash, '_LOGGED', set())
   logging.get_absl_logger().setLevel(std_logging.INFO)
@@ -223,13 +260,21 @@ def test_auto_picks_the_kernel_on_tpu_only_when_the_call_allows(monkeypatch, cap
   with caplog.at_level(std_logging.INFO):
     flash.choose(tiny('t5'), dropout=False, record=False)
     flash.choose(tiny('t5'), dropout=False, record=False)
-  assert sum('fused Pallas kernel on tpu' in r.getMessage() for r in caplog.records) == 1  # once per case
+  assert sum('fused Pallas kernel (mosaic) on tpu' in r.getMessage() for r in caplog.records) == 1  # once
   monkeypatch.setattr(flash, 'target_platform', lambda: 'cpu')
   assert not flash.choose(tiny('tisa'), dropout=False, record=False)  # auto on the CPU: XLA
   assert flash.choose(tiny('tisa', attention_impl='pallas'), dropout=False, record=False)
   monkeypatch.setattr(flash, 'target_platform', lambda: 'gpu')
-  assert not flash.choose(tiny('tisa'), dropout=False, record=False)
-  with pytest.raises(ConfigError, match="attention_impl='pallas' has a TPU kernel"):
+  assert flash.choose(tiny('tisa'), dropout=False, record=False)  # head dimension 16
+  narrow = dict(hidden_size=16)  # 2 heads of 8: too narrow for Triton's dot
+  caplog.clear()
+  with caplog.at_level(std_logging.INFO):
+    assert not flash.choose(tiny('tisa', **narrow), dropout=False, record=False)
+  assert any('head dimension 8' in r.getMessage() for r in caplog.records)
+  with pytest.raises(ConfigError, match="'pallas': the GPU kernel needs a head dimension .* = 8"):
+    flash.choose(tiny('tisa', attention_impl='pallas', **narrow), dropout=False, record=False)
+  monkeypatch.setattr(flash, 'target_platform', lambda: 'METAL')
+  with pytest.raises(ConfigError, match="attention_impl='pallas' has kernels for TPUs and GPUs"):
     flash.choose(tiny('tisa', attention_impl='pallas'), dropout=False, record=False)
 
 
@@ -264,7 +309,7 @@ def test_pallas_on_cpu_runs_the_kernel_and_auto_does_not():
 
 
 def test_sharded_kernel_matches_one_device(tmp_path):
-  """Under a data x fsdp x tensor mesh of 8 CPU devices (batch over data and fsdp, heads over tensor), the
+  """Under a data x fsdp x tensor mesh of 8 CPU devices (batch over data and fsdp, heads over tensor), each
   kernel in its shard_map gives the single-device XLA path's output and gradients, the position tables'
   summed over the batch shards."""
   out = tmp_path / 'result.npz'
@@ -272,10 +317,12 @@ def test_sharded_kernel_matches_one_device(tmp_path):
                        capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-4000:]
   r = np.load(out)
-  names = sorted(k.split('/', 1)[1] for k in r.files if k.startswith('xla/'))
-  assert {'y', 'y_one_row'} <= set(names) and any('tisa' in n for n in names) and any('t5' in n for n in names)
-  for n in names:
-    np.testing.assert_allclose(r[f'pallas/{n}'], r[f'xla/{n}'], atol=TOL, rtol=0, err_msg=n)
+  for kernel in ('mosaic', 'triton'):
+    names = sorted(k.split('/', 2)[2] for k in r.files if k.startswith(f'{kernel}/xla/'))
+    assert {'y', 'y_one_row'} <= set(names) and any('tisa' in n for n in names) and any('t5' in n for n in names)
+    for n in names:
+      np.testing.assert_allclose(r[f'{kernel}/pallas/{n}'], r[f'{kernel}/xla/{n}'], atol=TOL, rtol=0,
+                                 err_msg=f'{kernel} {n}')
 
 
 # --- slower sweep ---------------------------------------------------------------------------------------
@@ -284,26 +331,30 @@ def test_sharded_kernel_matches_one_device(tmp_path):
 @pytest.mark.parametrize('shape, blocks', [((2, 600, 2, 64), dict(block_q=256, block_k=512)),
                                            ((3, 1000, 3, 32), {}), ((3, 129, 2, 8), {}),
                                            ((3, 300, 2, 8), dict(block_q=128, block_k=128))])
-def test_kernel_larger_shapes(shape, blocks):
+@pytest.mark.parametrize('kernel', ['mosaic', 'triton'])
+def test_kernel_larger_shapes(shape, blocks, kernel):
+  if kernel == 'triton' and not flash_gpu.head_dim_supported(shape[-1]):
+    shape = shape[:-1] + (16,)
   q, k, v, table, mask = inputs(*shape, seed=3)
   w = jnp.asarray(np.random.default_rng(4).normal(size=shape), jnp.float32)
-  (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, **blocks)
+  (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, kernel=kernel, **blocks)
   np.testing.assert_allclose(o1, o2, atol=TOL, rtol=0)
   for name, a, b in zip(('q', 'k', 'v', 'table'), g1, g2):
     np.testing.assert_allclose(a, b, atol=10 * TOL if name == 'table' else TOL, rtol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow
-def test_bfloat16_within_the_stated_bound():
+@pytest.mark.parametrize('kernel', ['mosaic', 'triton'])
+def test_bfloat16_within_the_stated_bound(kernel):
   """bf16 q, k, v: both paths round probabilities to bf16 before the product with v (the XLA path after
   normalising, the kernel before), so each is held to the float32 result, not to each other: outputs
   within 2e-2 and gradients within 3% of the largest float32 gradient."""
   shape = (2, 300, 2, 64)
   q, k, v, table, mask = inputs(*shape, seed=5)
   w = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
-  (_, _), (o32, g32) = both_ways(q, k, v, table, mask, w, block_q=128, block_k=128)
+  (_, _), (o32, g32) = both_ways(q, k, v, table, mask, w, block_q=128, block_k=128, kernel=kernel)
   bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  (o_k, g_k), (o_x, g_x) = both_ways(*bf, table, mask, w, block_q=128, block_k=128)
+  (o_k, g_k), (o_x, g_x) = both_ways(*bf, table, mask, w, block_q=128, block_k=128, kernel=kernel)
   for o in (o_k, o_x):
     assert o.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(o, np.float32), o32, atol=2e-2, rtol=0)
@@ -325,6 +376,22 @@ def test_compiled_kernel_on_a_tpu(dtype, tol):
   w = jnp.asarray(np.random.default_rng(8).normal(size=shape), jnp.float32)
   with jax.default_matmul_precision('highest'):
     (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, interpret=False)
+  for name, a, b in zip(('out', 'q', 'k', 'v', 'table'), (o1, *g1), (o2, *g2)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, atol=tol * np.abs(b).max(), rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize('dtype, tol', [(jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)])
+def test_compiled_kernel_on_a_gpu(dtype, tol):
+  """The Triton kernel itself against the XLA path on the same GPU; runs only where JAX's backend is a GPU
+  (`python -m pytest tests/test_flash.py -k on_a_gpu`). Bound as on a TPU; Triton's float32 dots may use
+  TF32 as XLA's do at default precision."""
+  if jax.default_backend() != 'gpu':
+    pytest.skip('needs a GPU backend')
+  shape = (2, 1000, 4, 64)
+  q, k, v, table, mask = inputs(*shape, seed=7, dtype=dtype)
+  w = jnp.asarray(np.random.default_rng(8).normal(size=shape), jnp.float32)
+  (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, interpret=False, kernel='triton')
   for name, a, b in zip(('out', 'q', 'k', 'v', 'table'), (o1, *g1), (o2, *g2)):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(a, b, atol=tol * np.abs(b).max(), rtol=0, err_msg=name)

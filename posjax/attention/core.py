@@ -119,8 +119,9 @@ class MultiHeadAttention(nn.Module):
       if bias.shape[0] == 1 and x_BxLxD.shape[0] > 1:
         bias = layers.broadcast_batch(bias, x_BxLxD.shape[0])
     if fused:
+      platform = flash.target_platform()
       ctx_BxLxHxDh = flash.sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, scale=scale,
-                                   interpret=flash.target_platform() == 'cpu')
+                                   interpret=platform == 'cpu', kernel=flash.kernel_for(platform))
     elif use_qk and not need_dropout and not record:
       # XLA's (or cuDNN's / a TPU) fused kernel; HF-style key masking via `mask`.
       ctx_BxLxHxDh = jax.nn.dot_product_attention(

@@ -1,5 +1,6 @@
-"""Fused attention with the position terms computed per tile: a Pallas flash-attention kernel (TPU Mosaic;
-Pallas interpret mode on the CPU) that takes every content-free score term as one table over offsets.
+"""Fused attention with the position terms computed per tile: a Pallas flash-attention kernel (TPU Mosaic
+here, its GPU form for Pallas' Triton backend in `flash_gpu`; either in Pallas interpret mode on the CPU)
+that takes every content-free score term as one table over offsets.
 
     ctx = softmax(scale q.k + table[h, j - i], padded keys masked) . v        float32 softmax statistics
 
@@ -38,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from posjax.attention import flash_gpu
 from posjax.errors import ConfigError
 
 LANES = 128
@@ -252,6 +254,10 @@ class _Static:
   scale: float
   blocks: Blocks
   interpret: bool
+  kernel: str = 'mosaic'  # or 'triton' (flash_gpu)
+
+  def gpu(self) -> flash_gpu.Static:
+    return flash_gpu.Static(self.scale, self.blocks.length, flash_gpu.BLOCK, self.interpret)
 
 
 def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool):
@@ -332,29 +338,49 @@ def _backward(q, k, v, kbias, tab, m, l, di, do, st: _Static):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _fused(q, k, v, kbias, tab, st: _Static):
-  return _forward(q, k, v, kbias, tab, st)[0]
+  return _fused_fwd(q, k, v, kbias, tab, st)[0]
+
+
+def _flat(tab):  # the GPU kernel's table: [H, 2 Lp] over d = -Lp..Lp-1, the same values as the lane rows
+  return None if tab is None else tab.reshape(tab.shape[0], -1)
 
 
 def _fused_fwd(q, k, v, kbias, tab, st):
-  o, m, l = _forward(q, k, v, kbias, tab, st)
+  if st.kernel == 'triton':
+    o, m, l = flash_gpu.forward(q, k, v, kbias, _flat(tab), st.gpu())
+  else:
+    o, m, l = _forward(q, k, v, kbias, tab, st)
   return o, (q, k, v, kbias, tab, o, m, l)
 
 
 def _fused_bwd(st, res, do):
   q, k, v, kbias, tab, o, m, l = res
-  di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, :, None, :]
-  dq, dk, dv, dtab = _backward(q, k, v, kbias, tab, m, l, di, do, st)
+  di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  if st.kernel == 'triton':
+    dq, dk, dv, dtab = flash_gpu.backward(q, k, v, kbias, _flat(tab), m, l, di, do, st.gpu())
+    dtab = None if tab is None else dtab.reshape(tab.shape)
+  else:
+    dq, dk, dv, dtab = _backward(q, k, v, kbias, tab, m, l, di[:, :, None, :], do, st)
   return dq, dk, dv, None, dtab
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+KERNELS = ('mosaic', 'triton')
+
+
 def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float,
-              interpret: bool = False, block_q: int | None = None, block_k: int | None = None):
+              interpret: bool = False, block_q: int | None = None, block_k: int | None = None,
+              kernel: str = 'mosaic'):
   """ctx_BxLxHxDh = softmax(scale q.k + table[h, j - i], keys where mask_BxL is False masked) . v on this
-  device's shard (see `sharded` for a mesh). `table_HxR` (d = j - i = -(L-1)..L-1) may be None."""
+  device's shard (see `sharded` for a mesh). `table_HxR` (d = j - i = -(L-1)..L-1) may be None. `kernel`:
+  'mosaic' (TPU) or 'triton' (GPU, `flash_gpu`; its blocks are flash_gpu.BLOCK, block_q/block_k only pad)."""
   bsz, length, h, dh = q_BxLxHxDh.shape
+  if kernel not in KERNELS:
+    raise ValueError(f'kernel {kernel!r} is not one of {KERNELS}')
+  if kernel == 'triton' and not flash_gpu.head_dim_supported(dh):
+    raise ConfigError(f'the GPU kernel needs a head dimension that is a power of two >= 16; got {dh}')
   b = blocks(length, block_q, block_k)
   pad = b.length - length
 
@@ -365,7 +391,7 @@ def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale:
   kbias = jnp.pad(kbias, ((0, 0), (0, pad)), constant_values=-jnp.inf)[:, None, :]
   tab = None if table_HxR is None else table_rows(table_HxR, length, b)
   o = _fused(heads_first(q_BxLxHxDh), heads_first(k_BxLxHxDh), heads_first(v_BxLxHxDh), kbias, tab,
-             _Static(float(scale), b, bool(interpret)))
+             _Static(float(scale), b, bool(interpret), kernel))
   return jnp.transpose(o[:, :, :length], (0, 2, 1, 3))
 
 
@@ -400,17 +426,28 @@ def target_platform() -> str:
 _LOGGED = set()
 
 
+def kernel_for(platform: str) -> str:
+  """The kernel a platform runs: the Triton form on a GPU, else the Mosaic one (on the CPU in interpret
+  mode)."""
+  return 'triton' if platform == 'gpu' else 'mosaic'
+
+
 def choose(cfg, *, dropout: bool, record: bool) -> bool:
   """Whether this attention call runs the fused kernel, per `model.attention_impl` (logged once per case).
 
-  'auto': on a TPU, when the variant has only offset terms and the call applies no dropout to the
-  probabilities and records none (posjax.analysis asks for them); 'pallas': always but for recording calls
-  (config validation has refused the rest); 'xla': never."""
+  'auto': on a TPU or a GPU, when the variant has only offset terms, the head dimension suits the platform's
+  kernel and the call applies no dropout to the probabilities and records none (posjax.analysis asks for
+  them); 'pallas': always but for recording calls (config validation has refused the rest); 'xla': never."""
   platform = target_platform()
-  if cfg.attention_impl == 'pallas' and platform not in ('tpu', 'cpu'):
-    raise ConfigError(f"model.attention_impl='pallas' has a TPU kernel (and its interpret mode on the CPU) "
-                      f"but none for {platform}; use 'auto' or 'xla'")
+  if cfg.attention_impl == 'pallas' and platform not in ('tpu', 'gpu', 'cpu'):
+    raise ConfigError(f"model.attention_impl='pallas' has kernels for TPUs and GPUs (and their interpret mode "
+                      f"on the CPU) but none for {platform}; use 'auto' or 'xla'")
   why = unsupported(cfg, dropout=dropout)
+  if kernel_for(platform) == 'triton' and not flash_gpu.head_dim_supported(cfg.head_dim):
+    if cfg.attention_impl == 'pallas':
+      raise ConfigError(f"model.attention_impl='pallas': the GPU kernel needs a head dimension that is a power "
+                        f"of two >= 16; model.hidden_size / model.num_heads = {cfg.head_dim}")
+    why.append(f'head dimension {cfg.head_dim} (the GPU kernel takes powers of two >= 16)')
   if record:
     why.append('the recording of the attention probabilities (posjax.analysis)')
   if cfg.attention_impl == 'xla':
@@ -418,26 +455,27 @@ def choose(cfg, *, dropout: bool, record: bool) -> bool:
   elif cfg.attention_impl == 'pallas':
     use = not record
   else:
-    use = platform == 'tpu' and not why
-    if platform != 'tpu':
+    use = platform in ('tpu', 'gpu') and not why
+    if platform not in ('tpu', 'gpu'):
       why.insert(0, f'the {platform} backend')
   key = (cfg.attention, cfg.attention_impl, platform, use, tuple(why))
   if key not in _LOGGED:
     _LOGGED.add(key)
     if use:
-      logging.info('attention %r: the fused Pallas kernel on %s%s', cfg.attention, platform,
-                   ' (interpret mode)' if platform == 'cpu' else '')
+      logging.info('attention %r: the fused Pallas kernel (%s) on %s%s', cfg.attention, kernel_for(platform),
+                   platform, ' (interpret mode)' if platform == 'cpu' else '')
     else:
       logging.info('attention %r: XLA with a dense position bias, because of %s', cfg.attention,
                    '; '.join(why))
   return use
 
 
-def sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float, interpret: bool):
-  """`attention` under the current mesh: a Mosaic kernel is not partitioned by XLA, so it runs in a
+def sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float, interpret: bool,
+            kernel: str = 'mosaic'):
+  """`attention` under the current mesh: XLA does not partition a Mosaic or Triton kernel, so it runs in a
   shard_map over the mesh axes the logical axis rules give the batch and the heads (data, FSDP and tensor
   parallelism); the table's gradient is summed over the batch shards by shard_map's transpose."""
-  fn = functools.partial(attention, scale=scale, interpret=interpret)
+  fn = functools.partial(attention, scale=scale, interpret=interpret, kernel=kernel)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL)
