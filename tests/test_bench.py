@@ -69,3 +69,14 @@ def test_bad_arguments_are_one_line(capsys):
 def test_quick_run_writes_json_and_markdown(tmp_path):
   assert bench.main(['--quick', f'--out={tmp_path}']) == 0
   assert (tmp_path / 'results.json').exists() and '| posjax bert tisa |' in (tmp_path / 'results.md').read_text()
+
+
+def test_gpu_attention_script_smoke(tmp_path, capsys):
+  """bench/gpu_attention.py on this CPU: --smoke measures the kernel (interpret mode) and the XLA path at a
+  tiny shape and writes both tables; a full run off a GPU is one error line, exit 2."""
+  import gpu_attention  # pylint: disable=g-import-not-at-top
+  assert gpu_attention.main(['--smoke', '--out', str(tmp_path)]) == 0
+  md = (tmp_path / 'results.md').read_text()
+  assert '| 40 | kernel |' in md and '| 40 | xla |' in md
+  assert gpu_attention.main(['--out', str(tmp_path / 'x')]) == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith('error: bench/gpu_attention.py measures on')
