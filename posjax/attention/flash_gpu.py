@@ -8,14 +8,15 @@ It takes what `flash.attention` prepares (heads first, the length padded to its 
 access to the table differs. A GPU thread block reads global memory at any address, so a tile's bias is one
 gather load of table[h, c - r + (first key - first query) + Lp] (the table row stays in L1/L2), with no
 lane layout as on the TPU. The table's gradient, the sum of the logits' gradient over each diagonal, is
-accumulated by atomic adds of each tile into a BxHx(2Lp) float32 buffer, summed over the batch afterwards:
-O(B H L) memory, no LxL tensor. Atomic float adds make the order of that sum, and so its last bits,
+accumulated tile by tile: each tile's 2B-1 diagonal sums (read back from a per-program scratch block, B x B
+floats) go by one atomic add into a BxHx(2Lp) float32 buffer, summed over the batch afterwards: O(B H L)
+memory, no LxL tensor. Atomic float adds make the order of that sum, and so its last bits,
 vary from run to run on a GPU (as XLA's own scatter-adds on GPU do unless XLA_FLAGS asks for deterministic
 ops); its gradients for q, k and v are deterministic.
 
 Grid: (query blocks, B, H) for the forward pass and dq, (key blocks, B, H) for dk, dv and the table; each
 program loops over the other sequence axis (the layout of jax.experimental.pallas.ops.gpu.attention).
-Head dimensions must be powers of two of at least 16 (Triton's dot); `flash.unsupported` says so.
+Head dimensions must be powers of two of at least 16 (Triton's dot); `flash.choose` says so.
 """
 
 from __future__ import annotations
@@ -97,17 +98,23 @@ def _barrier(st: Static):
 
 
 def _add_diagonal_sums(dtab_ref, ds_ref, ds_QxK, base, st: Static):
-  """dtab[base + c - r] += ds[r, c] over the tile: the tile goes through this program's own block of a
-  scratch output, then one atomic add per row, whose indices are distinct (an atomic add with repeated
+  """dtab[base + c - r] += ds[r, c] over the tile. The tile goes through this program's own block of a
+  scratch output, from which its 2B-1 diagonal sums are read row by row (row r holds diagonal c - r at
+  column c); then one atomic add of those sums (2B-1 atomics per tile, not B^2), whose indices are distinct (an atomic add with repeated
   indices in one call would sum them on a GPU but not in interpret mode)."""
-  _barrier(st)  # every thread has read the previous tile's rows
+  _barrier(st)  # every thread has read the previous tile
   ds_ref[...] = ds_QxK
-  _barrier(st)  # the whole tile is stored before any thread reads a row
-  cols = jax.lax.broadcasted_iota(jnp.int32, (st.block,), 0)
+  _barrier(st)  # the whole tile is stored before any thread reads it
+  # Lane u holds diagonal c - r = u - B; lane 0 (c - r = -B) meets no element and adds zero, within the
+  # table: indices run base - B .. base + B - 1, inside 0 .. 2 Lp - 1 for every tile.
+  u = jax.lax.broadcasted_iota(jnp.int32, (2 * st.block,), 0)
 
-  def row(r, _):
-    plgpu.atomic_add(dtab_ref, base - r + cols, ds_ref[r, :])
-  jax.lax.fori_loop(0, st.block, row, None)
+  def row(r, acc):
+    c = u - st.block + r
+    inside = (c >= 0) & (c < st.block)
+    return acc + plgpu.load(ds_ref.at[r, jnp.clip(c, 0, st.block - 1)], mask=inside, other=0.0)
+  sums = jax.lax.fori_loop(0, st.block, row, jnp.zeros((2 * st.block,), jnp.float32))
+  plgpu.atomic_add(dtab_ref, base - st.block + u, sums)
 
 
 def _probs_and_grad(q, k, v, do, kbias_K, m_Q, l_Q, di_Q, tab_ref, first_q, first_k, st: Static):
