@@ -16,8 +16,9 @@ ACTIVATIONS = ('gelu', 'gelu_new', 'relu', 'silu')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')
 # How softmax(q.k + position terms) . v is computed (posjax.attention.flash.choose): 'xla' hands a dense
 # [B|1]xHxLxL position bias to jax.nn.dot_product_attention; 'pallas' runs the fused kernel, which builds the
-# terms per tile from O(H L) tables (Mosaic on a TPU, Triton on a GPU, interpret mode on the CPU); 'auto'
-# takes the kernel on a TPU or GPU when the variant and the call allow it, else 'xla'.
+# terms per tile from O(H L) tables and, on a TPU, a relative_key(_query) term from its O(L Dh) distance
+# table (Mosaic on a TPU, Triton on a GPU, interpret mode on the CPU); 'auto' takes the kernel on a TPU or
+# GPU when the variant and the call allow it, else 'xla'.
 ATTENTION_IMPLS = ('auto', 'xla', 'pallas')
 
 

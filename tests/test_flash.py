@@ -19,7 +19,7 @@ import pytest
 from absl import logging
 
 import posjax
-from posjax.attention import flash, flash_gpu, offsets, registry
+from posjax.attention import flash, flash_gpu, offsets, registry, relative
 from posjax.errors import ConfigError
 from posjax.data import pipeline, pretrain
 from posjax.training import objectives, pretraining, steps
@@ -30,9 +30,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
 
 
-def xla_attention(q, k, v, table, mask, scale):
-  """posjax's XLA path for the same inputs: the table spread over LxL, masked keys by `mask`."""
+def xla_attention(q, k, v, table, mask, scale, distances=None):
+  """posjax's XLA path for the same inputs: the table spread over LxL (and a distance term from
+  posjax.attention.relative, the module's own computation), masked keys by `mask`."""
   bias = None if table is None else offsets.spread(table, q.shape[1]).astype(q.dtype)
+  if distances is not None:
+    d = distances
+    term = relative.relative_scores(q, d.table_RxDh, d.max_distance, 64)
+    if d.with_key:
+      term = term + jnp.swapaxes(relative.relative_scores(k, d.table_RxDh[::-1], d.max_distance, 64), -1, -2)
+    term = (d.scale * term).astype(q.dtype)
+    bias = term if bias is None else bias + term
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[:, None, None, :], scale=scale)
 
 
@@ -48,18 +56,24 @@ def inputs(b, l, h, dh, seed=0, dtype=jnp.float32):
   return q, k, v, table, jnp.asarray(mask)
 
 
-def both_ways(q, k, v, table, mask, w, interpret=True, **blocks):
-  """(outputs, gradients w.r.t. q, k, v, table) of the kernel and of the XLA path, for loss sum(out * w)."""
+def both_ways(q, k, v, table, mask, w, interpret=True, distances=None, **blocks):
+  """(outputs, gradients w.r.t. q, k, v, table (and the distance table)) of the kernel and of the XLA path,
+  for loss sum(out * w). `distances`: (table_RxDh, M, with_key, scale) of a relative_key(_query) term."""
   scale = q.shape[-1] ** -0.5
   args = (q, k, v) if table is None else (q, k, v, table)
+  if distances is not None:
+    args += (distances[0],)
   argnums = tuple(range(len(args)))
+
+  def dist(a):
+    return None if distances is None else flash.Distances(a[-1], *distances[1:])
 
   def kernel(*a):
     return flash.attention(*a[:3], a[3] if table is not None else None, mask, scale=scale,
-                           interpret=interpret, **blocks)
+                           interpret=interpret, distances=dist(a), **blocks)
 
   def xla(*a):
-    return xla_attention(*a[:3], a[3] if table is not None else None, mask, scale)
+    return xla_attention(*a[:3], a[3] if table is not None else None, mask, scale, dist(a))
 
   out = []
   for f in (kernel, xla):
@@ -114,8 +128,9 @@ def test_gpu_kernel_lowers_to_triton():
 
 
 def test_tpu_kernel_compiles_for_a_tpu_chip():
-  """The Mosaic kernels (forward, dq, dk/dv/table) compiled by libtpu for one v5e chip from this CPU host, in
-  bfloat16 with a length that is not a multiple of the block: three Mosaic custom calls, no LxL buffer
+  """The Mosaic kernels (forward, dq, dk/dv/tables) compiled by libtpu for one v5e chip from this CPU host,
+  with an offset table and relative_key_query's distance terms, in bfloat16 with a length that is not a
+  multiple of the block: three Mosaic custom calls, no LxL buffer
   (a 200 x 200 float32 score matrix per head would be 0.3 MiB; the compiler asks for none of it)."""
   from posjax.aot import topology  # pylint: disable=g-import-not-at-top
   devices = topology.devices(topology.parse('v5e:1x1'))
@@ -123,10 +138,12 @@ def test_tpu_kernel_compiles_for_a_tpu_chip():
   s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
   b, l, h, dh = 2, 200, 2, 64
   x, table, mask = s((b, l, h, dh), jnp.bfloat16), s((h, 2 * l - 1), jnp.float32), s((b, l), jnp.bool_)
+  r = s((2 * 128 - 1, dh), jnp.float32)
 
-  def loss(q, k, v, t, m):
-    return jnp.sum(flash.attention(q, k, v, t, m, scale=0.125).astype(jnp.float32))
-  compiled = jax.jit(jax.grad(loss, (0, 1, 2, 3))).lower(x, x, x, table, mask).compile()
+  def loss(q, k, v, t, m, r):
+    dist = flash.Distances(r, 128, True, 0.125)  # relative_key_query's terms
+    return jnp.sum(flash.attention(q, k, v, t, m, scale=0.125, distances=dist).astype(jnp.float32))
+  compiled = jax.jit(jax.grad(loss, (0, 1, 2, 3, 5))).lower(x, x, x, table, mask, r).compile()
   assert compiled.as_text().count('tpu_custom_call') == 3
   assert compiled.memory_analysis().temp_size_in_bytes < b * h * l * l * 4
 
@@ -135,6 +152,21 @@ def test_gpu_kernel_refuses_head_dimensions_triton_cannot_tile():
   q, k, v, table, mask = inputs(2, 20, 2, 8)
   with pytest.raises(ConfigError, match='power of two >= 16; got 8'):
     flash.attention(q, k, v, table, mask, scale=1.0, kernel='triton', interpret=True)
+
+
+# relative_key_query (q . r and k . r) with a TISA-like table: blocks of 256 queries x 128 keys (two query
+# sub-tiles per tile), distances clipped at M = 40 < L = 150; relative_key alone runs with -m slow.
+@pytest.mark.parametrize('with_key', [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_kernel_distance_terms_match_xla(with_key):
+  shape, m = (3, 150, 2, 8), 40
+  q, k, v, table, mask = inputs(*shape)
+  r = jnp.asarray(np.random.default_rng(5).normal(size=(2 * m - 1, shape[-1])), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+  (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, distances=(r, m, with_key, shape[-1] ** -0.5),
+                                 block_q=256, block_k=128)
+  np.testing.assert_allclose(o1, o2, atol=TOL, rtol=0)
+  for name, a, b in zip(('q', 'k', 'v', 'table', 'distance table'), g1, g2):
+    np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=name)
 
 
 def test_blocks_pad_to_a_common_multiple():
@@ -190,14 +222,15 @@ def assert_same(got, want, tol=TOL):
   return g_p
 
 
-OPTIONS = (('composite_kernel_size', 5), ('t5_max_distance', 12), ('t5_num_buckets', 8), ('tisa_kernels', 2))
+OPTIONS = (('composite_kernel_size', 5), ('t5_max_distance', 12), ('t5_num_buckets', 8), ('tisa_kernels', 2),
+           ('max_relative_position', 12))
 
 
 # Two offset terms summed (the train-step test has the other two); every single term and more mixes run with
 # `-m slow`.
 @pytest.mark.parametrize('variant', [
-    't5+convfixed', *[pytest.param(v, marks=pytest.mark.slow) for v in (
-        'tisa', 't5', 'alibi', 'convfixed', 'tisa+alibi', 'tisa+t5+alibi+convfixed', 'rope+alibi',
+    't5+convfixed', 'alibi+relative_key_query', *[pytest.param(v, marks=pytest.mark.slow) for v in (
+        'tisa', 't5', 'alibi', 'convfixed', 'tisa+alibi', 'tisa+t5+alibi+convfixed', 'rope+alibi', 'relative_key',
         'absolute+convfixed+convvalues', 'none+convbert+tisa', 'absolute')]])
 def test_layer_with_kernel_matches_xla(variant):
   xla, kernel = check_layer(variant, OPTIONS)
@@ -210,9 +243,9 @@ def test_layer_with_kernel_matches_xla(variant):
 @pytest.mark.parametrize('kernel', ['mosaic', 'triton'])
 def test_train_step_with_kernel_matches_xla(kernel, monkeypatch):
   """A whole BERT MLM step (dropout off): the loss and every gradient, the kernel against the XLA path; the
-  CPU runs the kernel a GPU would as well as the TPU's."""
+  CPU runs the kernel a GPU would as well as the TPU's (which also takes the relative_key term)."""
   monkeypatch.setattr(flash, 'kernel_for', lambda platform: kernel)
-  c = micro_config('tiny,tisa+alibi')
+  c = micro_config('tiny,tisa+alibi' + ('+relative_key' if kernel == 'mosaic' else ''))
   c.data.seq_len, c.batch_size = 24, 4
   rng = np.random.default_rng(0)
   ids = rng.integers(5, 100, size=(4, 24)).astype(np.int32)
@@ -236,13 +269,14 @@ def test_train_step_with_kernel_matches_xla(kernel, monkeypatch):
 
 
 def test_no_length_by_length_tensor_with_the_kernel():
-  """The forward and backward pass of a TISA+ALiBi model hold nothing of size H x L x L outside the kernel
+  """The forward and backward pass of a TISA+ALiBi+relative_key_query model hold nothing of size H x L x L
+  outside the kernel
   (whose tiles are 128 x 128 < L x L here); with the XLA path they do."""
   l = 300
   ids = jnp.ones((1, l), jnp.int32)
 
   def largest(impl):
-    cfg = dataclasses.replace(tiny('tisa+alibi'), max_position_embeddings=512, attention_impl=impl)
+    cfg = dataclasses.replace(tiny('tisa+alibi+relative_key_query'), max_position_embeddings=512, attention_impl=impl)
     model = posjax.Bert(cfg)
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids)['params']))
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, ids)['hidden_BxLxD'])))(params)
@@ -265,10 +299,11 @@ def test_auto_picks_the_kernel_on_tpu_and_gpu_only_when_the_call_allows(monkeypa
   monkeypatch.setattr(flash, 'target_platform', lambda: 'tpu')
   monkeypatch.setattr(flash, '_LOGGED', set())
   logging.get_absl_logger().setLevel(std_logging.INFO)
-  for variant in ('tisa', 't5+convfixed', 'alibi+rope', 'absolute', 'none+convbert'):
+  for variant in ('tisa', 't5+convfixed', 'alibi+rope', 'absolute', 'none+convbert', 'relative_key',
+                  'tisa+relative_key_query'):
     assert flash.choose(tiny(variant), dropout=False, record=False), variant
   assert not flash.choose(tiny('tisa+convq'), dropout=False, record=False)
-  assert not flash.choose(tiny('relative_key'), dropout=False, record=False)
+  assert not flash.choose(tiny('relative_key+relative_key_query'), dropout=False, record=False)
   assert not flash.choose(tiny('tisa', attention_options=(('use_qk', False),)), dropout=False, record=False)
   assert not flash.choose(tiny('tisa'), dropout=False, record=True)  # analysis records the probabilities
   assert flash.choose(tiny('tisa', attention_dropout=0.1), dropout=False, record=False)  # evaluation
@@ -284,6 +319,9 @@ def test_auto_picks_the_kernel_on_tpu_and_gpu_only_when_the_call_allows(monkeypa
   assert flash.choose(tiny('tisa', attention_impl='pallas'), dropout=False, record=False)
   monkeypatch.setattr(flash, 'target_platform', lambda: 'gpu')
   assert flash.choose(tiny('tisa'), dropout=False, record=False)  # head dimension 16
+  assert not flash.choose(tiny('tisa+relative_key'), dropout=False, record=False)  # TPU kernel only
+  with pytest.raises(ConfigError, match="the GPU kernel has no relative_key"):
+    flash.choose(tiny('relative_key', attention_impl='pallas'), dropout=False, record=False)
   narrow = dict(hidden_size=16)  # 2 heads of 8: too narrow for Triton's dot
   caplog.clear()
   with caplog.at_level(std_logging.INFO):
@@ -305,9 +343,9 @@ def test_target_platform_is_the_meshs():
 
 @pytest.mark.parametrize('fields, message', [
     (dict(attention_impl='fast'), "model.attention_impl 'fast' is not one of auto, xla, pallas"),
-    (dict(attention='tisa+relative_key', attention_impl='pallas'),
-     r"attention_impl='pallas' cannot compute attention 'tisa\+relative_key' with the content-dependent "
-     r"score term\(s\) relative_key"),
+    (dict(attention='tisa+convq', attention_impl='pallas'),
+     r"attention_impl='pallas' cannot compute attention 'tisa\+convq' with the content-dependent "
+     r"score term\(s\) convq"),
     (dict(attention='alibi', attention_dropout=0.1, attention_impl='pallas'), 'attention dropout'),
 ])
 def test_bad_attention_impl_is_a_config_error(fields, message):
@@ -338,6 +376,7 @@ def test_sharded_kernel_matches_one_device(tmp_path):
   for kernel in ('mosaic', 'triton'):
     names = sorted(k.split('/', 2)[2] for k in r.files if k.startswith(f'{kernel}/xla/'))
     assert {'y', 'y_one_row'} <= set(names) and any('tisa' in n for n in names) and any('t5' in n for n in names)
+    assert any('relative_key_query' in n for n in names) == (kernel == 'mosaic')
     for n in names:
       np.testing.assert_allclose(r[f'{kernel}/pallas/{n}'], r[f'{kernel}/xla/{n}'], atol=TOL, rtol=0,
                                  err_msg=f'{kernel} {n}')

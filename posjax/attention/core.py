@@ -94,14 +94,6 @@ class MultiHeadAttention(nn.Module):
       q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh = c.build(cfg, name=c.name)(
           q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask_BxL)
 
-    table_HxR, bias = None, None
-    for c in plan.score:
-      term = c.build(cfg, name=c.name)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic)
-      if c.offsets is not None:
-        table_HxR = term if table_HxR is None else table_HxR + term
-      else:
-        bias = term if bias is None else bias + term
-
     use_qk = cfg.option('use_qk')
     scale = 1.0 / float(dh) ** 0.5
     need_dropout = cfg.attention_dropout > 0.0 and not deterministic
@@ -109,6 +101,17 @@ class MultiHeadAttention(nn.Module):
     # them, so that (analysis-only) call takes the explicit path.
     record = self.is_mutable_collection('intermediates')
     fused = flash.choose(cfg, dropout=need_dropout, record=record)
+
+    table_HxR, bias, distances = None, None, None
+    for c in plan.score:
+      if fused and c.distances:  # the kernel forms x . r_{i-j} itself, from the table over distances
+        distances = c.build(cfg, name=c.name, fused=True)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic)
+        continue
+      term = c.build(cfg, name=c.name)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic)
+      if c.offsets is not None:
+        table_HxR = term if table_HxR is None else table_HxR + term
+      else:
+        bias = term if bias is None else bias + term
     if table_HxR is not None and not fused:
       spread = offsets.spread(table_HxR, x_BxLxD.shape[1]).astype(cfg.dtype)
       bias = spread if bias is None else bias + spread
@@ -121,7 +124,8 @@ class MultiHeadAttention(nn.Module):
     if fused:
       platform = flash.target_platform()
       ctx_BxLxHxDh = flash.sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, scale=scale,
-                                   interpret=platform == 'cpu', kernel=flash.kernel_for(platform))
+                                   interpret=platform == 'cpu', kernel=flash.kernel_for(platform),
+                                   distances=distances)
     elif use_qk and not need_dropout and not record:
       # XLA's (or cuDNN's / a TPU) fused kernel; HF-style key masking via `mask`.
       ctx_BxLxHxDh = jax.nn.dot_product_attention(

@@ -19,6 +19,13 @@ gradient is the reverse, a gather by (x + r) mod 128 then a sum over rows. Both 
 128-lane register, which is what Mosaic lowers (`jnp.take_along_axis` -> `tpu.dynamic_gather`); a strided
 `pltpu.roll` only rotates by non-negative row strides, enough for the forward but not the gradient.
 
+Distance terms (`relative_key`: q_i . r_{i-j}; `relative_key_query`: + k_j . r_{i-j}; `Distances`) use the
+same layout with a vector per offset: r by offset d in rows of 128 x Dh. A sub-tile's q times the two rows
+it meets (two 128 x Dh x 128 products) gives q_r . r[128 D + x] in lane x, and the lane gather above picks
+each query row's offsets; the key term is the same on the transposed sub-tile. Backward, the inverse gather
+gives the gradient of those products, whence dq (dq kernel), dk and the rows' gradient (dk/dv kernel, in a
+per (b, h) buffer of 2Lp x Dh).
+
 Masking follows jax.nn.dot_product_attention: a masked key's logit is -0.7 * float32 max (a row with every
 key masked attends uniformly, as in the XLA path) and its gradient is zero; the keys added to pad L up to
 the block get -inf, so they never count.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -124,6 +132,84 @@ def _add_diagonal_sums(dtab_ref, ds_QxK, d, b: Blocks):
       dtab_ref[pl.ds(n - 1, 1), :] += neg
 
 
+def _dot_nt(x, y):
+  return jax.lax.dot_general(x, y, _NT, preferred_element_type=jnp.float32)
+
+
+def _dot(x, y):
+  return jax.lax.dot(x, y, preferred_element_type=jnp.float32)
+
+
+def _distance_bias(q, k, rel_ref, d, b: Blocks, rel):
+  """bias_QxK of q_i . r_{i-j} (and, with the key, k_j . r_{i-j}) times the term's scale, at the tile whose
+  first key is 128 d positions after its first query. rel_ref holds r by key-minus-query offset in rows of
+  128 (as the table), so a 128 x 128 sub-tile meets two rows: q . r over both is two small products, and
+  each query row picks its offsets by the lane gather of `_bias`; the key term is the same gather on the
+  transposed sub-tile (row: key, column: query)."""
+  with_key, rscale = rel
+  r, c = _iota(0), _iota(1)
+  upper, idx, idx_t = c >= r, (c - r) & (LANES - 1), (r - c) & (LANES - 1)
+  rows = []
+  for a in range(b.q // LANES):
+    qa = q[a * LANES:(a + 1) * LANES]
+    cols = []
+    for kb in range(b.k // LANES):
+      n = b.n0 + d + kb - a
+      cur, prev = rel_ref[n], rel_ref[n - 1]
+      t = jnp.where(upper, _take(_dot_nt(qa, cur), idx), _take(_dot_nt(qa, prev), idx))
+      if with_key:
+        kc = k[kb * LANES:(kb + 1) * LANES]
+        t = t + jnp.where(r >= c, _take(_dot_nt(kc, cur), idx_t), _take(_dot_nt(kc, prev), idx_t)).T
+      cols.append(t)
+    rows.append(jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0])
+  return rscale * (jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0])
+
+
+def _distance_grads(ds_QxK, rel_ref, d, b: Blocks, rel, q=None, k=None, drel_ref=None):
+  """The transpose of `_distance_bias` for the logits' gradient ds. Without q: returns dq_QxDh (the dq
+  kernel). With q, k and drel_ref: adds the distance rows' gradient to drel_ref and returns dk_KxDh of the
+  key term, or None (the dk/dv kernel). A sub-tile's gradient for q . r[offset] is the inverse lane gather
+  (x + r) of `_add_diagonal_sums`, split by which of the two rows the offset lies in; the key term's is
+  the same on ds transposed."""
+  with_key, rscale = rel
+  r, x = _iota(0), _iota(1)
+  idx, low = (x + r) & (LANES - 1), x + r < LANES
+  idx_t, low_t = (r - x) & (LANES - 1), x <= r
+
+  def split(g, lower):  # (gradient for the row n of the offsets, for row n - 1)
+    pos = jnp.where(lower, g, 0.0)
+    return pos, g - pos
+
+  dq_rows, dk_cols = [], [None] * (b.k // LANES)
+  for a in range(b.q // LANES):
+    dq_a = None
+    for kb in range(b.k // LANES):
+      n = b.n0 + d + kb - a
+      cur, prev = rel_ref[n], rel_ref[n - 1]
+      ds = ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES]
+      if drel_ref is None:
+        pos, neg = split(_take(ds, idx), low)
+        term = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
+        dq_a = term if dq_a is None else dq_a + term
+        continue
+      pairs = [(split(_take(ds, idx), low), q[a * LANES:(a + 1) * LANES])]
+      if with_key:
+        kc = k[kb * LANES:(kb + 1) * LANES]
+        pos, neg = split(_take(ds.T, idx_t), low_t)
+        term = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
+        dk_cols[kb] = term if dk_cols[kb] is None else dk_cols[kb] + term
+        pairs.append(((pos, neg), kc))
+      for (pos, neg), xs in pairs:
+        drel_ref[n] += rscale * _dot(pos.T.astype(xs.dtype), xs)
+        drel_ref[n - 1] += rscale * _dot(neg.T.astype(xs.dtype), xs)
+    dq_rows.append(dq_a)
+  if drel_ref is None:
+    return rscale * (jnp.concatenate(dq_rows, axis=0) if len(dq_rows) > 1 else dq_rows[0])
+  if not with_key:
+    return None
+  return rscale * (jnp.concatenate(dk_cols, axis=0) if len(dk_cols) > 1 else dk_cols[0])
+
+
 def _lanes(x_Nx128, width):
   """A per-row statistic kept in all 128 lanes, widened or cut to `width` lanes."""
   if width <= LANES:
@@ -136,10 +222,12 @@ def _column(row_1xN):
   return jnp.broadcast_to(row_1xN, (LANES, row_1xN.shape[1])).T
 
 
-def _logits(q, k, kbias_1xK, tab_ref, d, scale, b: Blocks):
+def _logits(q, k, kbias_1xK, tab_ref, rel_ref, d, scale, b: Blocks, rel):
   s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
   if tab_ref is not None:
     s = s + _bias(tab_ref, d, b)
+  if rel_ref is not None:
+    s = s + _distance_bias(q, k, rel_ref, d, b, rel)
   return jnp.where(kbias_1xK == 0.0, s, kbias_1xK)
 
 
@@ -150,9 +238,10 @@ def _tile_offset(i, j, b: Blocks):
 
 # --- kernels --------------------------------------------------------------------------------------------
 
-def _forward_kernel(*refs, scale, b: Blocks, has_table):
+def _forward_kernel(*refs, scale, b: Blocks, has_table, rel):
   q_ref, k_ref, v_ref, kb_ref, *refs = refs
   tab_ref = refs.pop(0) if has_table else None
+  rel_ref = refs.pop(0) if rel else None
   o_ref, m_out, l_out, m_ref, l_ref, acc_ref = refs
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -162,7 +251,7 @@ def _forward_kernel(*refs, scale, b: Blocks, has_table):
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  s = _logits(q_ref[...], k_ref[...], kb_ref[...], tab_ref, _tile_offset(i, j, b), scale, b)
+  s = _logits(q_ref[...], k_ref[...], kb_ref[...], tab_ref, rel_ref, _tile_offset(i, j, b), scale, b, rel)
   m_prev = m_ref[...]
   m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
   p = jnp.exp(s - _lanes(m_next, b.k))
@@ -184,19 +273,20 @@ def _forward_kernel(*refs, scale, b: Blocks, has_table):
     l_out[...] = l.T[:1, :]
 
 
-def _probs_and_grad(q, k, v, do, kbias, m_ref, l_ref, di_ref, tab_ref, d, scale, b: Blocks):
+def _probs_and_grad(q, k, v, do, kbias, m_ref, l_ref, di_ref, tab_ref, rel_ref, d, scale, b: Blocks, rel):
   """Recomputes p_QxK from the forward pass's row maxima and sums and returns it with ds_QxK, the gradient
   of the logits (zero at masked keys)."""
-  s = _logits(q, k, kbias, tab_ref, d, scale, b)
+  s = _logits(q, k, kbias, tab_ref, rel_ref, d, scale, b, rel)
   p = jnp.exp(s - _lanes(_column(m_ref[...]), b.k)) * _lanes(1.0 / _column(l_ref[...]), b.k)
   dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
   ds = jnp.where(kbias == 0.0, p * (dp - _lanes(_column(di_ref[...]), b.k)), 0.0)
   return p, ds
 
 
-def _dq_kernel(*refs, scale, b: Blocks, has_table):
+def _dq_kernel(*refs, scale, b: Blocks, has_table, rel):
   q_ref, k_ref, v_ref, kb_ref, *refs = refs
   tab_ref = refs.pop(0) if has_table else None
+  rel_ref = refs.pop(0) if rel else None
   m_ref, l_ref, di_ref, do_ref, dq_ref, acc_ref = refs
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -205,20 +295,25 @@ def _dq_kernel(*refs, scale, b: Blocks, has_table):
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   k = k_ref[...]
+  d = _tile_offset(i, j, b)
   _, ds = _probs_and_grad(q_ref[...], k, v_ref[...], do_ref[...], kb_ref[...], m_ref, l_ref, di_ref, tab_ref,
-                          _tile_offset(i, j, b), scale, b)
+                          rel_ref, d, scale, b, rel)
   acc_ref[...] += jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+  if rel:  # acc is scaled by `scale` at the end; this part has its own scale already
+    acc_ref[...] += _distance_grads(ds, rel_ref, d, b, rel) / scale
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _():
     dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, scale, b: Blocks, has_table):
+def _dkv_kernel(*refs, scale, b: Blocks, has_table, rel):
   q_ref, k_ref, v_ref, kb_ref, *refs = refs
   tab_ref = refs.pop(0) if has_table else None
+  rel_ref = refs.pop(0) if rel else None
   m_ref, l_ref, di_ref, do_ref, dk_ref, dv_ref, *refs = refs
   dtab_ref = refs.pop(0) if has_table else None
+  drel_ref = refs.pop(0) if rel else None
   dk_acc, dv_acc = refs
   j, i = pl.program_id(2), pl.program_id(3)  # key block outer, query block inner
 
@@ -227,19 +322,24 @@ def _dkv_kernel(*refs, scale, b: Blocks, has_table):
     dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-  if has_table:
-    @pl.when((i == 0) & (j == 0))
-    def _():
-      dtab_ref[...] = jnp.zeros(dtab_ref.shape, jnp.float32)
+  for ref in (dtab_ref, drel_ref):
+    if ref is not None:
+      @pl.when((i == 0) & (j == 0))
+      def _(ref=ref):
+        ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-  q, do = q_ref[...], do_ref[...]
+  q, k, do = q_ref[...], k_ref[...], do_ref[...]
   d = _tile_offset(i, j, b)
-  p, ds = _probs_and_grad(q, k_ref[...], v_ref[...], do, kb_ref[...], m_ref, l_ref, di_ref, tab_ref, d, scale,
-                          b)
+  p, ds = _probs_and_grad(q, k, v_ref[...], do, kb_ref[...], m_ref, l_ref, di_ref, tab_ref, rel_ref, d,
+                          scale, b, rel)
   dv_acc[...] += jax.lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
   dk_acc[...] += jax.lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
   if has_table:
     _add_diagonal_sums(dtab_ref, ds, d, b)
+  if rel:
+    dk = _distance_grads(ds, rel_ref, d, b, rel, q, k, drel_ref)
+    if dk is not None:  # dk_acc is scaled by `scale` at the end; this part has its own scale already
+      dk_acc[...] += dk / scale
 
   @pl.when(i == pl.num_programs(3) - 1)
   def _():
@@ -255,13 +355,14 @@ class _Static:
   blocks: Blocks
   interpret: bool
   kernel: str = 'mosaic'  # or 'triton' (flash_gpu)
+  rel: tuple[bool, float] | None = None  # a distance term: (with the key term, its scale)
 
   def gpu(self) -> flash_gpu.Static:
     return flash_gpu.Static(self.scale, self.blocks.length, flash_gpu.BLOCK, self.interpret)
 
 
-def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool):
-  """BlockSpecs of q, k, v, key bias (and table) for a grid (B, H, outer, inner)."""
+def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool, rel=None):
+  """BlockSpecs of q, k, v, key bias (and table, and distance rows) for a grid (B, H, outer, inner)."""
   def qk(f):  # index maps take (b, h, query block, key block) whatever the grid order
     return (lambda b_, h, o, n: f(b_, h, n, o)) if key_outer else (lambda b_, h, o, n: f(b_, h, o, n))
   specs = [pl.BlockSpec((_SQ, _SQ, b.q, dh), qk(lambda b_, h, i, j: (b_, h, i, 0))),
@@ -270,6 +371,8 @@ def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool):
            pl.BlockSpec((_SQ, 1, b.k), qk(lambda b_, h, i, j: (b_, 0, j)))]
   if has_table:
     specs.append(pl.BlockSpec((_SQ, nrows, LANES), lambda b_, h, o, n: (h, 0, 0)))
+  if rel:
+    specs.append(pl.BlockSpec((b.rows, LANES, dh), lambda b_, h, o, n: (0, 0, 0)))
   row = pl.BlockSpec((_SQ, _SQ, 1, b.q), qk(lambda b_, h, i, j: (b_, h, 0, i)))
   q_rows = pl.BlockSpec((_SQ, _SQ, b.q, dh), qk(lambda b_, h, i, j: (b_, h, i, 0)))
   return specs, row, q_rows
@@ -286,11 +389,11 @@ def _params(semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _forward(q, k, v, kbias, tab, st: _Static):
+def _forward(q, k, v, kbias, tab, rel, st: _Static):
   b, (bsz, h, lp, dh) = st.blocks, q.shape
   has_table = tab is not None
-  specs, row, q_rows = _specs(b, dh, None if tab is None else tab.shape[1], has_table, key_outer=False)
-  kernel = functools.partial(_forward_kernel, scale=st.scale, b=b, has_table=has_table)
+  specs, row, q_rows = _specs(b, dh, None if tab is None else tab.shape[1], has_table, False, st.rel)
+  kernel = functools.partial(_forward_kernel, scale=st.scale, b=b, has_table=has_table, rel=st.rel)
   return pl.pallas_call(
       kernel, grid=(bsz, h, lp // b.q, lp // b.k), in_specs=specs, out_specs=[q_rows, row, row],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + [jax.ShapeDtypeStruct((bsz, h, 1, lp), jnp.float32)] * 2,
@@ -298,70 +401,75 @@ def _forward(q, k, v, kbias, tab, st: _Static):
                       pltpu.VMEM((b.q, dh), jnp.float32)],
       compiler_params=_params(('parallel', 'parallel', 'parallel', 'arbitrary')),
       cost_estimate=_cost(b, q.shape, 2, q.dtype.itemsize, 2), interpret=st.interpret,
-  )(q, k, v, kbias, *([tab] if has_table else []))
+  )(q, k, v, kbias, *([tab] if has_table else []), *([rel] if st.rel else []))
 
 
-def _backward(q, k, v, kbias, tab, m, l, di, do, st: _Static):
+def _backward(q, k, v, kbias, tab, rel, m, l, di, do, st: _Static):
   b, (bsz, h, lp, dh) = st.blocks, q.shape
   has_table = tab is not None
-  args = (q, k, v, kbias, *([tab] if has_table else []), m, l, di, do)
+  args = (q, k, v, kbias, *([tab] if has_table else []), *([rel] if st.rel else []), m, l, di, do)
   nrows = None if tab is None else tab.shape[1]
 
-  specs, row, q_rows = _specs(b, dh, nrows, has_table, key_outer=False)
+  specs, row, q_rows = _specs(b, dh, nrows, has_table, False, st.rel)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=st.scale, b=b, has_table=has_table),
+      functools.partial(_dq_kernel, scale=st.scale, b=b, has_table=has_table, rel=st.rel),
       grid=(bsz, h, lp // b.q, lp // b.k), in_specs=[*specs, row, row, row, q_rows], out_specs=q_rows,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), scratch_shapes=[pltpu.VMEM((b.q, dh), jnp.float32)],
       compiler_params=_params(('parallel', 'parallel', 'parallel', 'arbitrary')),
       cost_estimate=_cost(b, q.shape, 3, q.dtype.itemsize, 3), interpret=st.interpret,
   )(*args)
 
-  specs, row, q_rows = _specs(b, dh, nrows, has_table, key_outer=True)
+  specs, row, q_rows = _specs(b, dh, nrows, has_table, True, st.rel)
   kv_rows = specs[1]
   out_specs = [kv_rows, kv_rows]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   if has_table:  # one BxH buffer, resident while a (b, h) pair runs through all its tiles
     out_specs.append(pl.BlockSpec((_SQ, _SQ, nrows, LANES), lambda b_, h_, o, n: (b_, h_, 0, 0)))
     out_shape.append(jax.ShapeDtypeStruct((bsz, h, nrows, LANES), jnp.float32))
+  if st.rel:  # the distance rows' gradient, likewise per (b, h)
+    out_specs.append(pl.BlockSpec((_SQ, _SQ, b.rows, LANES, dh), lambda b_, h_, o, n: (b_, h_, 0, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((bsz, h, b.rows, LANES, dh), jnp.float32))
   outs = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=st.scale, b=b, has_table=has_table),
+      functools.partial(_dkv_kernel, scale=st.scale, b=b, has_table=has_table, rel=st.rel),
       grid=(bsz, h, lp // b.k, lp // b.q), in_specs=[*specs, row, row, row, q_rows], out_specs=out_specs,
       out_shape=out_shape, scratch_shapes=[pltpu.VMEM((b.k, dh), jnp.float32)] * 2,
       # The table's gradient sums over every tile of a (b, h) pair, so only B and H run in parallel.
       compiler_params=_params(('parallel', 'parallel', 'arbitrary', 'arbitrary')),
       cost_estimate=_cost(b, q.shape, 4, q.dtype.itemsize, 4), interpret=st.interpret,
   )(*args)
-  dk, dv = outs[0], outs[1]
-  dtab = jnp.sum(outs[2], axis=0) if has_table else None
-  return dq, dk, dv, dtab
+  dk, dv, *outs = outs
+  dtab = jnp.sum(outs.pop(0), axis=0) if has_table else None
+  drel = jnp.sum(outs.pop(0), axis=(0, 1)).astype(rel.dtype) if st.rel else None
+  return dq, dk, dv, dtab, drel
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused(q, k, v, kbias, tab, st: _Static):
-  return _fused_fwd(q, k, v, kbias, tab, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused(q, k, v, kbias, tab, rel, st: _Static):
+  return _fused_fwd(q, k, v, kbias, tab, rel, st)[0]
 
 
 def _flat(tab):  # the GPU kernel's table: [H, 2 Lp] over d = -Lp..Lp-1, the same values as the lane rows
   return None if tab is None else tab.reshape(tab.shape[0], -1)
 
 
-def _fused_fwd(q, k, v, kbias, tab, st):
+def _fused_fwd(q, k, v, kbias, tab, rel, st):
   if st.kernel == 'triton':
     o, m, l = flash_gpu.forward(q, k, v, kbias, _flat(tab), st.gpu())
   else:
-    o, m, l = _forward(q, k, v, kbias, tab, st)
-  return o, (q, k, v, kbias, tab, o, m, l)
+    o, m, l = _forward(q, k, v, kbias, tab, rel, st)
+  return o, (q, k, v, kbias, tab, rel, o, m, l)
 
 
 def _fused_bwd(st, res, do):
-  q, k, v, kbias, tab, o, m, l = res
+  q, k, v, kbias, tab, rel, o, m, l = res
   di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  drel = None
   if st.kernel == 'triton':
     dq, dk, dv, dtab = flash_gpu.backward(q, k, v, kbias, _flat(tab), m, l, di, do, st.gpu())
     dtab = None if tab is None else dtab.reshape(tab.shape)
   else:
-    dq, dk, dv, dtab = _backward(q, k, v, kbias, tab, m, l, di[:, :, None, :], do, st)
-  return dq, dk, dv, None, dtab
+    dq, dk, dv, dtab, drel = _backward(q, k, v, kbias, tab, rel, m, l, di[:, :, None, :], do, st)
+  return dq, dk, dv, None, dtab, drel
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -370,17 +478,40 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 KERNELS = ('mosaic', 'triton')
 
 
+@dataclasses.dataclass(frozen=True)
+class Distances:
+  """A score term from a table of vectors over distances i - j (`relative_key`: q_i . r_{i-j}; with_key,
+  `relative_key_query`: also k_j . r_{i-j}), times `scale`: row (i - j) + M - 1 of table_RxDh holds r_{i-j}
+  for |i - j| < M = max_distance, the edge rows beyond."""
+  table_RxDh: Any
+  max_distance: int
+  with_key: bool
+  scale: float
+
+
+def distance_rows(dist: Distances, b: Blocks, dtype):
+  """rel_Nx128xDh: r_{i-j} by key-minus-query offset d = j - i = -Lp..Lp-1 in rows of 128 (as `table_rows`),
+  the table's rows clipped to +-(M-1) and cast to the compute dtype (as the XLA path does)."""
+  m = dist.max_distance
+  d = jnp.arange(-b.length, b.length)
+  r = jnp.asarray(dist.table_RxDh, dtype)[jnp.clip(-d, -(m - 1), m - 1) + m - 1]
+  return r.reshape(b.rows, LANES, r.shape[-1])
+
+
 def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float,
               interpret: bool = False, block_q: int | None = None, block_k: int | None = None,
-              kernel: str = 'mosaic'):
-  """ctx_BxLxHxDh = softmax(scale q.k + table[h, j - i], keys where mask_BxL is False masked) . v on this
-  device's shard (see `sharded` for a mesh). `table_HxR` (d = j - i = -(L-1)..L-1) may be None. `kernel`:
-  'mosaic' (TPU) or 'triton' (GPU, `flash_gpu`; its blocks are flash_gpu.BLOCK, block_q/block_k only pad)."""
+              kernel: str = 'mosaic', distances: Distances | None = None):
+  """ctx_BxLxHxDh = softmax(scale q.k + table[h, j - i] + distance term, keys where mask_BxL is False
+  masked) . v on this device's shard (see `sharded` for a mesh). `table_HxR` (d = j - i = -(L-1)..L-1) and
+  `distances` may be None. `kernel`: 'mosaic' (TPU) or 'triton' (GPU, `flash_gpu`; its blocks are
+  flash_gpu.BLOCK, block_q/block_k only pad; no distance terms)."""
   bsz, length, h, dh = q_BxLxHxDh.shape
   if kernel not in KERNELS:
     raise ValueError(f'kernel {kernel!r} is not one of {KERNELS}')
   if kernel == 'triton' and not flash_gpu.head_dim_supported(dh):
     raise ConfigError(f'the GPU kernel needs a head dimension that is a power of two >= 16; got {dh}')
+  if kernel == 'triton' and distances is not None:
+    raise ConfigError('the GPU kernel has no relative_key/relative_key_query terms (the TPU kernel has)')
   b = blocks(length, block_q, block_k)
   pad = b.length - length
 
@@ -390,8 +521,12 @@ def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale:
   kbias = jnp.where(mask_BxL, 0.0, MASKED).astype(jnp.float32)
   kbias = jnp.pad(kbias, ((0, 0), (0, pad)), constant_values=-jnp.inf)[:, None, :]
   tab = None if table_HxR is None else table_rows(table_HxR, length, b)
-  o = _fused(heads_first(q_BxLxHxDh), heads_first(k_BxLxHxDh), heads_first(v_BxLxHxDh), kbias, tab,
-             _Static(float(scale), b, bool(interpret), kernel))
+  rel, rel_static = None, None
+  if distances is not None:
+    rel = distance_rows(distances, b, q_BxLxHxDh.dtype)
+    rel_static = (bool(distances.with_key), float(distances.scale))
+  o = _fused(heads_first(q_BxLxHxDh), heads_first(k_BxLxHxDh), heads_first(v_BxLxHxDh), kbias, tab, rel,
+             _Static(float(scale), b, bool(interpret), kernel, rel_static))
   return jnp.transpose(o[:, :, :length], (0, 2, 1, 3))
 
 
@@ -403,10 +538,14 @@ def unsupported(cfg, *, dropout: bool = True) -> list[str]:
   from posjax.attention import registry  # pylint: disable=g-import-not-at-top  (registry imports config)
   plan = registry.parse(cfg.attention)
   out = []
-  content = [c.name for c in plan.score if c.offsets is None]
+  content = [c.name for c in plan.score if c.offsets is None and not c.distances]
   if content:
     out.append(f'the content-dependent score term(s) {", ".join(content)} (the kernel takes terms of the '
-               'offset j - i only: ' + ', '.join(n for n in registry.names() if registry.get(n).offsets) + ')')
+               'offset j - i: ' + ', '.join(n for n in registry.names() if registry.get(n).offsets) +
+               '; and one of ' + ', '.join(n for n in registry.names() if registry.get(n).distances) + ')')
+  distance_terms = [c.name for c in plan.score if c.distances]
+  if len(distance_terms) > 1:
+    out.append(f'more than one term over distances ({", ".join(distance_terms)})')
   if not cfg.option('use_qk', True):
     out.append('use_qk=False')
   if dropout and cfg.attention_dropout > 0.0:
@@ -426,6 +565,11 @@ def target_platform() -> str:
 _LOGGED = set()
 
 
+def registry_plan(cfg):
+  from posjax.attention import registry  # pylint: disable=g-import-not-at-top  (registry imports config)
+  return registry.parse(cfg.attention)
+
+
 def kernel_for(platform: str) -> str:
   """The kernel a platform runs: the Triton form on a GPU, else the Mosaic one (on the CPU in interpret
   mode)."""
@@ -443,6 +587,11 @@ def choose(cfg, *, dropout: bool, record: bool) -> bool:
     raise ConfigError(f"model.attention_impl='pallas' has kernels for TPUs and GPUs (and their interpret mode "
                       f"on the CPU) but none for {platform}; use 'auto' or 'xla'")
   why = unsupported(cfg, dropout=dropout)
+  if kernel_for(platform) == 'triton' and any(c.distances for c in registry_plan(cfg).score):
+    if cfg.attention_impl == 'pallas':
+      raise ConfigError(f"model.attention_impl='pallas': the GPU kernel has no relative_key/relative_key_query "
+                        f"terms (the TPU kernel has); use 'auto' or 'xla' for attention {cfg.attention!r}")
+    why.append('a relative_key term (in the TPU kernel only)')
   if kernel_for(platform) == 'triton' and not flash_gpu.head_dim_supported(cfg.head_dim):
     if cfg.attention_impl == 'pallas':
       raise ConfigError(f"model.attention_impl='pallas': the GPU kernel needs a head dimension that is a power "
@@ -471,14 +620,14 @@ def choose(cfg, *, dropout: bool, record: bool) -> bool:
 
 
 def sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float, interpret: bool,
-            kernel: str = 'mosaic'):
+            kernel: str = 'mosaic', distances: Distances | None = None):
   """`attention` under the current mesh: XLA does not partition a Mosaic or Triton kernel, so it runs in a
   shard_map over the mesh axes the logical axis rules give the batch and the heads (data, FSDP and tensor
   parallelism); the table's gradient is summed over the batch shards by shard_map's transpose."""
   fn = functools.partial(attention, scale=scale, interpret=interpret, kernel=kernel)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return fn(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL)
+    return fn(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, distances=distances)
   def split(name, size):  # the mesh axes of a logical axis, or none where they do not divide it (an init
     axes = nn.logical_to_mesh_axes((name,))[0]  # traces one row under the trainer's mesh)
     n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
@@ -488,7 +637,12 @@ def sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: f
   args, specs = (q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask_BxL), (x, x, x, P(batch, None))
   if table_HxR is not None:
     args, specs = args + (table_HxR,), specs + (P(heads, None),)
+  if distances is not None:  # one table for every head: replicated, its gradient summed over all shards
+    args, specs = args + (distances.table_RxDh,), specs + (P(None, None),)
 
-  def local(q, k, v, m, *table):
-    return fn(q, k, v, table[0] if table else None, m)
+  def local(q, k, v, m, *tables):
+    tables = list(tables)
+    table = tables.pop(0) if table_HxR is not None else None
+    dist = dataclasses.replace(distances, table_RxDh=tables.pop(0)) if distances is not None else None
+    return fn(q, k, v, table, m, distances=dist)
   return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=x, check_vma=False)(*args)

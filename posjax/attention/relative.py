@@ -82,9 +82,11 @@ def relative_scores(x_BxLxHxDh, table_RxDh, m: int, block: int):
 
 
 class RelativePosition(nn.Module):
-  """Returns the relative score term, BxHxLxL, added to the scaled q.k logits."""
+  """Returns the relative score term, BxHxLxL, added to the scaled q.k logits; with `fused`, the
+  `flash.Distances` from which the fused kernel computes that term tile by tile instead."""
   config: ModelConfig
   with_key: bool = False  # Huang et al.'s k_j . r_{i-j} as well
+  fused: bool = False
 
   @nn.compact
   def __call__(self, q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic=True):
@@ -94,6 +96,9 @@ class RelativePosition(nn.Module):
     dh = q_BxLxHxDh.shape[3]
     table_RxDh = self.param('distance_embedding', layers.init(cfg.initializer_range, ('pos', 'kv')),
                             (2 * m - 1, dh), cfg.param_dtype)
+    if self.fused:
+      from posjax.attention import flash  # pylint: disable=g-import-not-at-top  (flash imports the registry)
+      return flash.Distances(table_RxDh, m, self.with_key, 1.0 / dh ** 0.5 if scaled else 1.0)
     block = cfg.option('relative_block')
     term_BxHxLxL = relative_scores(q_BxLxHxDh, table_RxDh, m, block)
     if self.with_key:
@@ -113,10 +118,10 @@ _OPTIONS = (
 )
 
 registry.register(registry.Component(
-    'relative_key', 'score', lambda cfg, name=None: RelativePosition(cfg, with_key=False, name=name),
-    paper='Shaw et al. 2018', params='(2M-1)*Dh', cost='O(B H L^2) extra logits, O(B H L (2L-1)) q.r',
+    'relative_key', 'score', lambda cfg, name=None, **kw: RelativePosition(cfg, with_key=False, name=name, **kw),
+    distances=True, paper='Shaw et al. 2018', params='(2M-1)*Dh', cost='O(B H L^2) extra logits, O(B H L (2L-1)) q.r',
     options=_OPTIONS))
 registry.register(registry.Component(
-    'relative_key_query', 'score', lambda cfg, name=None: RelativePosition(cfg, with_key=True, name=name),
-    paper='Huang et al. 2020', params='(2M-1)*Dh',
+    'relative_key_query', 'score', lambda cfg, name=None, **kw: RelativePosition(cfg, with_key=True, name=name, **kw),
+    distances=True, paper='Huang et al. 2020', params='(2M-1)*Dh',
     cost='O(B H L^2) extra logits, O(B H L (2L-1)) q.r and k.r', options=_OPTIONS))
