@@ -378,6 +378,17 @@ def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool, rel
   return specs, row, q_rows
 
 
+def _distance_matmuls(st, kernel: str) -> int:
+  """A distance term's products per tile, in units of one tile's q.k product: two for the bias from q (two
+  more from k), recomputed in each backward kernel; the dq kernel adds dq's two, the dk/dv kernel the
+  table's gradient from q (two) and, with the key, dk's and the gradient from k (four)."""
+  if not st.rel:
+    return 0
+  with_key = int(st.rel[0])
+  bias = 2 * (1 + with_key)
+  return {'forward': bias, 'dq': bias + 2, 'dkv': bias + 2 + 4 * with_key}[kernel]
+
+
 def _cost(b: Blocks, shape, matmuls, itemsize, passes):
   bsz, h, lp, dh = shape
   tiles = bsz * h * lp * lp
@@ -400,7 +411,8 @@ def _forward(q, k, v, kbias, tab, rel, st: _Static):
       scratch_shapes=[pltpu.VMEM((b.q, LANES), jnp.float32), pltpu.VMEM((b.q, LANES), jnp.float32),
                       pltpu.VMEM((b.q, dh), jnp.float32)],
       compiler_params=_params(('parallel', 'parallel', 'parallel', 'arbitrary')),
-      cost_estimate=_cost(b, q.shape, 2, q.dtype.itemsize, 2), interpret=st.interpret,
+      cost_estimate=_cost(b, q.shape, 2 + _distance_matmuls(st, 'forward'), q.dtype.itemsize, 2),
+      interpret=st.interpret,
   )(q, k, v, kbias, *([tab] if has_table else []), *([rel] if st.rel else []))
 
 
@@ -416,7 +428,8 @@ def _backward(q, k, v, kbias, tab, rel, m, l, di, do, st: _Static):
       grid=(bsz, h, lp // b.q, lp // b.k), in_specs=[*specs, row, row, row, q_rows], out_specs=q_rows,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), scratch_shapes=[pltpu.VMEM((b.q, dh), jnp.float32)],
       compiler_params=_params(('parallel', 'parallel', 'parallel', 'arbitrary')),
-      cost_estimate=_cost(b, q.shape, 3, q.dtype.itemsize, 3), interpret=st.interpret,
+      cost_estimate=_cost(b, q.shape, 3 + _distance_matmuls(st, 'dq'), q.dtype.itemsize, 3),
+      interpret=st.interpret,
   )(*args)
 
   specs, row, q_rows = _specs(b, dh, nrows, has_table, True, st.rel)
@@ -435,7 +448,8 @@ def _backward(q, k, v, kbias, tab, rel, m, l, di, do, st: _Static):
       out_shape=out_shape, scratch_shapes=[pltpu.VMEM((b.k, dh), jnp.float32)] * 2,
       # The table's gradient sums over every tile of a (b, h) pair, so only B and H run in parallel.
       compiler_params=_params(('parallel', 'parallel', 'arbitrary', 'arbitrary')),
-      cost_estimate=_cost(b, q.shape, 4, q.dtype.itemsize, 4), interpret=st.interpret,
+      cost_estimate=_cost(b, q.shape, 4 + _distance_matmuls(st, 'dkv'), q.dtype.itemsize, 4),
+      interpret=st.interpret,
   )(*args)
   dk, dv, *outs = outs
   dtab = jnp.sum(outs.pop(0), axis=0) if has_table else None
