@@ -311,6 +311,18 @@ def test_find_max_batch_without_a_fit_says_whether_it_reached_the_smallest_batch
   assert e.value.below == below
 
 
+def test_find_max_batch_counts_a_known_compile_over_the_chips_memory_as_a_miss(monkeypatch, devices):
+  """A compile that succeeded but needs more than the chip's HBM (the compiler does not always stop there)
+  is a miss at its batch: with no compile left the search says none fits down to that batch, not that
+  none fits at all (bench/aot_tables.py recorded such a row as "largest 0")."""
+  topo, devs = devices('v5e:1x1')
+  monkeypatch.setattr(compile_lib, 'report_memory', lambda compiled: {'total': 2 * topo.chip.hbm_bytes})
+  over = compile_lib.Compiled(*([None] * len(dataclasses.fields(compile_lib.Compiled))))
+  with pytest.raises(compile_lib.DoesNotFit, match='down to 1024') as e:
+    compile_lib.find_max_batch(small_config(batch_size=1024), devs, topo.chip, max_compiles=0, known={1024: over})
+  assert e.value.below == 1024
+
+
 def test_bytes_of_in_place_updates_count_the_slice():
   # A scan writes each layer's activations into a stacked buffer in place: a slice, not the whole buffer.
   text = '\n'.join([

@@ -133,11 +133,12 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
   mesh = sharding.make_mesh(config.mesh, devices)
   d = batch_divisor(config, mesh)
   hbm = chip.hbm_bytes if chip is not None else None
-  lo, hi, fits, tried, best = 0, None, {}, [], None
+  lo, hi, fits, tried, best, misses = 0, None, {}, [], None, []
   for b, made in (known or {}).items():
     total = report_memory(made.compiled)['total'] if made is not None else None
     if total is None or (hbm is not None and total > hbm):
       hi = min(hi or b // d, b // d)
+      misses.append(b)
     else:
       fits[b // d] = total
       if b // d > lo:
@@ -170,7 +171,7 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
       guess = 2 * lo if hi is None else (hi // 4 if not lo else (lo + hi) // 2)
     k = max(guess, lo + 1) if hi is None else min(max(guess, lo + 1), hi - 1)
   if not lo:
-    smallest = min(tried + [b for b, made in (known or {}).items() if made is None] or [d])
+    smallest = min(tried + misses or [d])
     if smallest <= d:
       raise DoesNotFit(f'no batch fits: not even {d} (batch sizes are multiples of grad_accum_steps x the mesh '
                        f'axes the batch is split over, {d})')
