@@ -33,7 +33,10 @@ GiB = 2 ** 30
 MODELS = [('BERT-base', 'bert', 'base'), ('BERT-large', 'bert', 'large'), ('ALBERT-xxlarge', 'albert', 'xxlarge'),
           ('ELECTRA-large', 'electra', 'large'), ('ConvBERT-base', 'convbert', 'base')]
 TOPOLOGIES = ('v5e-8', 'v4-32', 'v5p-64')
-COSTS = 2  # version of posjax.aot's byte count behind the MFU column (2: in-place slices count their slice)
+# Version of posjax.aot's FLOP and byte count behind the MFU column (2: in-place slices count their slice;
+# 3: the TPU compiler's windowed matmul loops count every iteration). Rows of an older count show "?" until
+# the script, run again over their topology, recompiles them at their largest batch.
+COSTS = 3
 VARIANTS = ('absolute', 'tisa', 'relative_key_query', 'none+convfixed+convq+convk', 'absolute+convbert')
 
 
@@ -125,7 +128,8 @@ def models(args):
       largest = ('' if row.get('largest_exact') else '>= ') + str(row['largest'])
       if row.get('largest_memory_gib'):
         largest += f' ({row["largest_memory_gib"]:.1f} GiB/chip)'
-    mfu = f'{100 * row["largest_mfu"]:.0f}%' if row.get('largest_mfu') else '-'
+    mfu = '-' if not row.get('largest_mfu') else (
+        f'{100 * row["largest_mfu"]:.0f}%' if row.get('costs') == COSTS else '?')
     compile_s = f'{row["compile_s"]:.0f} s' if row.get('fits') else '-'  # else: the time of a failed compile
     chips = topology.parse(row['topology']).chips
     table.append(f'| {row["model"]} | {row["L"]} | {row["topology"]} | FSDP over {chips} chips | {fits} | '

@@ -94,13 +94,35 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
   return comps, entry
 
 
-def _trip_count(while_line: str, comps: dict[str, list[str]], condition: str) -> int:
+_SCALAR = r'%([\w.\-]+) = [su]32\[\][^=]*'
+
+
+def _trip_count(while_line: str, comps: dict[str, list[str]], condition: str, body: str | None = None) -> int:
   m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', while_line)
   if m:
     return int(m.group(1))
-  # jax's loops (scan, fori_loop) count an s32 induction variable from 0 while it is below a constant.
-  consts = [int(c) for line in comps.get(condition, ()) for c in re.findall(r's32\[\][^=]*constant\((\d+)\)', line)]
-  return consts[0] if len(consts) == 1 else 1
+  # jax's loops (scan, fori_loop) count an s32 induction variable from 0 while it is below a constant, by 1;
+  # the TPU compiler's windowed (collective) matmuls under FSDP count a u32 one, by 2 where they run both ways
+  # round the ring: the step is the constant the body adds to the tuple element the condition compares.
+  cond = '\n'.join(comps.get(condition, ()))
+  consts = [int(c) for _, c in re.findall(_SCALAR + r'constant\((\d+)\)', cond)]
+  if len(consts) != 1:
+    return 1
+  limit, step = consts[0], 1
+  compared = re.search(r'compare\(%([\w.\-]+), %[\w.\-]+\), direction=LT', cond)
+  index = re.search(re.escape(compared.group(1)) + r' = [su]32\[\][^=]*get-tuple-element\([^)]*\), index=(\d+)',
+                    cond) if compared else None
+  if index is not None and body in comps:
+    text = '\n'.join(comps[body])
+    values = dict(re.findall(_SCALAR + r'constant\((\d+)\)', text))
+    element = re.findall(_SCALAR + r'get-tuple-element\([^)]*\), index=' + index.group(1) + r'\b', text)
+    for name in element:
+      for a, b in re.findall(r'add\(%' + re.escape(name) + r', %([\w.\-]+)\)|add\(%([\w.\-]+), %' +
+                             re.escape(name) + r'\)', text):
+        other = a or b
+        if other in values:
+          step = int(values[other])
+  return -(-limit // step)
 
 
 def runs_per_step(text: str) -> tuple[dict[str, int], dict[str, list[str]]]:
@@ -118,7 +140,8 @@ def runs_per_step(text: str) -> tuple[dict[str, int], dict[str, list[str]]]:
       trips = 1
       if ' while(' in line:
         cond = next((c for k, c in called if k == 'condition'), None)
-        trips = _trip_count(line, comps, cond)
+        body = next((c for k, c in called if k == 'body'), None)
+        trips = _trip_count(line, comps, cond, body)
       for kind, callee in called:
         if callee in comps and kind != 'condition':
           visit(callee, times * (trips if kind == 'body' else 1))
