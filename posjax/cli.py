@@ -116,12 +116,16 @@ def train(argv: list[str], finetune: bool = False) -> int:
   """`posjax train` / `python train.py`: argv[0] is the program name."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from posjax import configs  # pylint: disable=g-import-not-at-top
-  quiet_tpu_probe()
+  from posjax.aot import cli as aot_cli  # pylint: disable=g-import-not-at-top
   overrides = [a for a in argv[1:] if a.startswith('--config.')]
   args, rest = _train_parser(argv[0], finetune).parse_known_args([a for a in argv[1:] if a not in overrides])
   if rest:
     print(f'error: unexpected arguments: {" ".join(rest)} (flags take the form --name=value)', file=sys.stderr)
     return 2
+  if args.compile_only:
+    aot_cli.host_on_cpu()
+  else:
+    quiet_tpu_probe()
   try:
     config, _ = configs.from_argv([f'--config={args.config}', *overrides])
     if finetune and 'task' not in config:
@@ -131,7 +135,6 @@ def train(argv: list[str], finetune: bool = False) -> int:
     return e.exit_code
   config.lock()
   if args.compile_only:
-    from posjax.aot import cli as aot_cli  # pylint: disable=g-import-not-at-top
     return aot_cli.run(config, args.compile_only, args.num_slices, args.find_max_batch, args.dump_hlo,
                        args.report_json)
   if args.workdir is None:
@@ -167,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
   if command not in COMMANDS:
     print(f'error: unknown command {command!r}; commands: {", ".join(COMMANDS)}', file=sys.stderr)
     return 2
-  quiet_tpu_probe()
-  if command in ('train', 'finetune'):
+  if command in ('train', 'finetune'):  # picks the platforms once it knows whether it only compiles
     return train([f'posjax {command}', *rest], finetune=command == 'finetune')
+  if command == 'aot':
+    from posjax.aot import cli as aot_cli  # pylint: disable=g-import-not-at-top
+    aot_cli.host_on_cpu()
+  else:
+    quiet_tpu_probe()
   module = importlib.import_module(COMMANDS[command][0])
   if command == 'prepare':  # an absl program
     from absl import app  # pylint: disable=g-import-not-at-top

@@ -64,7 +64,7 @@ def test_slice_names_give_cloud_tpu_shapes(spec, grid, chips):
 
 
 @pytest.mark.parametrize('spec, message', [
-    ('v7x-8', "unknown TPU generation 'v7x'"), ('v5e-6', 'no such slice; v5e slices are v5e-1, v5e-4'),
+    ('v7x-8', "unknown chip 'v7x'"), ('v5e-6', 'no such slice; v5e slices are v5e-1, v5e-4'),
     ('v4-6', 'v4/v5p names count TensorCores'), ('v5e:2x2x2', 'a v5e chip grid has 2 positive axes'),
     ('bogus', 'expected a slice name such as v5e-64')])
 def test_bad_topology_names_are_one_line(spec, message):

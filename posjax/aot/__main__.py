@@ -1,4 +1,4 @@
-"""Compile posjax's train step for a TPU topology on this host (no TPU needed) and report per chip.
+"""Compile posjax's train step for a TPU topology or a GPU host on this host (no TPU/GPU needed) and report per chip.
 
     python -m posjax.aot --config=bert:large,tisa --topology=v5e-64 [--num_slices=2]
         [--find_max_batch] [--dump_hlo=DIR] [--report_json=FILE] [--config.FIELD=VALUE ...]
@@ -10,12 +10,9 @@ time and estimated MFU, the collectives with their ICI traffic, compile time, an
 Needs libtpu (posjax's `test` extra installs it); JAX runs on the CPU (JAX_PLATFORMS=cpu is set unless given).
 """
 
-import os
 import sys
 
 if __name__ == '__main__':
-  # The compile targets a TPU topology's devices; JAX itself runs on the CPU (with libtpu installed it would
-  # otherwise probe for a TPU at start-up).
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   from posjax.aot import cli  # pylint: disable=g-import-not-at-top
+  cli.host_on_cpu()
   sys.exit(cli.main(sys.argv[1:]))

@@ -12,16 +12,29 @@ import sys
 from posjax.errors import ConfigError
 
 DESCRIPTION = '''Compiles the train step of --config for a TPU slice on this machine, with the TPU compiler in libtpu
-(no TPU needed), and reports per chip: memory against HBM, HLO FLOPs and bytes, a roofline step time and
+(no TPU needed), or for one host's GPUs with XLA's GPU compiler (JAX's CUDA plugin installed, no GPU needed),
+and reports per chip: memory against HBM, HLO FLOPs and bytes, a roofline step time and
 estimated MFU, the collectives and their ICI traffic, the compile time and the compiler's warnings. The step
 is the trainer's own, with config.mesh laid over the slice's chips; --config.FIELD=VALUE overrides any field
 as for posjax train.'''
 
 
+def host_on_cpu() -> None:
+  """The compile targets the topology's devices; JAX itself runs on this host's CPU (JAX_PLATFORMS, when
+  given, stands): with libtpu installed it would otherwise probe for a TPU at start-up, and JAX's CUDA plugin
+  would look for a GPU driver. Call before JAX starts (`import posjax` imports jax, which has read the
+  variable by then, so the choice also goes to jax.config)."""
+  if os.environ.get('JAX_PLATFORMS'):
+    return
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  if 'jax' in sys.modules:
+    sys.modules['jax'].config.update('jax_platforms', 'cpu')
+
+
 def add_arguments(parser: argparse.ArgumentParser, topology_flag: str) -> None:
   parser.add_argument(f'--{topology_flag}', required=topology_flag == 'topology',
-                      help='A TPU slice (v5e-64, v4-32, v5p-128, v6e-8, ...) or chip grid (v5e:4x8, v4:2x2x4) to '
-                      'compile the train step for.')
+                      help='A TPU slice (v5e-64, v4-32, v5p-128, v6e-8, ...), chip grid (v5e:4x8, v4:2x2x4) or '
+                      'GPU host (h100-8, h200-1, ...) to compile the train step for.')
   parser.add_argument('--num_slices', type=int, default=1, help='The number of slices joined by the data-centre '
                       'network (DCN); the mesh\'s data axis spans them.')
   parser.add_argument('--find_max_batch', action='store_true', help='Searches the largest global batch that fits '
@@ -83,6 +96,9 @@ def format_report(r: dict) -> str:
                f'model FLOPs {r["model_flops_per_chip"]:.3e}, HLO matmuls / model '
                f'{r["hlo_matmul_over_model_flops"]:.3f})')
   lines.append(f'  HLO bytes accessed   {r["hlo_bytes_accessed_per_chip"]:.3e}')
+  if r.get('costs_from') == 'hlo text':
+    lines.append('  (the compiler gave no cost analysis: FLOPs of the HLO\'s matmuls, none inside kernels, so the '
+                 'roofline below is a lower bound)')
   if 'roofline' in r:
     rl = r['roofline']
     lines.append(f'  roofline step time   {rl["step_s"] * 1e3:.2f} ms ({rl["bound"]}-bound: compute '

@@ -224,6 +224,9 @@ def report(c: Compiled, chip: Chip | None = None, topology_name: str = '') -> di
   # what the loops add to the matmul FLOPs and instruction bytes counted in the HLO text.
   hlo_flops = cost.get('flops', 0.0) * _ratio(counted['matmul_flops'], counted['matmul_flops_once'])
   bytes_accessed = cost.get('bytes accessed', 0.0) * _ratio(counted['bytes'], counted['bytes_once'])
+  costs_from = 'compiler'
+  if not cost:  # XLA's GPU compiler gives no cost analysis: the HLO text's own counts
+    hlo_flops, bytes_accessed, costs_from = counted['matmul_flops'], counted['bytes'], 'hlo text'
   model = flops_lib.train_step(c.objective.model, config.batch_size, config.data.seq_len, c.predictions)
   mcfg = c.objective.model.config
   slices = len({getattr(d, 'slice_index', 0) or 0 for d in mesh.devices.flat})
@@ -247,6 +250,8 @@ def report(c: Compiled, chip: Chip | None = None, topology_name: str = '') -> di
       'hlo_matmul_flops_per_chip': counted['matmul_flops'],
       'hlo_bytes_accessed_per_chip': bytes_accessed,
       'cost_analysis': {k: cost[k] for k in ('flops', 'bytes accessed') if k in cost},
+      # 'hlo text': FLOPs of dot/convolution instructions only, none of a custom call's (a Triton kernel's)
+      'costs_from': costs_from,
       'model_flops': model,
       'model_flops_per_chip': model / n,
       'hlo_matmul_over_model_flops': counted['matmul_flops'] * n / model if model else None,

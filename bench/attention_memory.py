@@ -1,20 +1,25 @@
-"""TPU memory of position terms in the fused kernel against the XLA path, by the TPU compiler on this host.
+"""Memory of position terms in the fused kernel against the XLA path, by the TPU or GPU compiler on this host.
 
-    JAX_PLATFORMS=cpu python bench/tpu_attention.py                      # BERT-base, L 512/2048/8192
-    JAX_PLATFORMS=cpu python bench/tpu_attention.py --lengths=512 --variants=tisa --out=/tmp/tpu
+    JAX_PLATFORMS=cpu python bench/attention_memory.py                   # BERT-base on v5e:2x2, L 512/2048/8192
+    JAX_PLATFORMS=cpu python bench/attention_memory.py --lengths=512 --variants=tisa --out=/tmp/tpu
+    JAX_PLATFORMS=cpu python bench/attention_memory.py --topology=h200-1 --lengths=512,2048 --batch=8
 
-No TPU is needed: libtpu compiles for a TPU topology (`--topology`, default v5e:2x2) from a CPU host. For each
-length and variant it compiles posjax's real BERT-base MLM train step (forward, backward, AdamW) with
-`model.attention_impl` = 'xla' (a dense [B|1]xHxLxL bias handed to jax.nn.dot_product_attention) and
-'pallas' (posjax.attention.flash: the terms per tile from O(H L) tables), data-parallel over the topology's
-chips with `--batch` rows per chip, layers scanned, bfloat16 compute, attention dropout off (the kernel does
-not drop probabilities). It reports per chip the compiler's temporary bytes, the whole footprint (arguments +
-outputs - aliased + temporaries) against the chip's HBM, and a roofline time from compiled cost analyses
-(FLOPs over the chip's bf16 peak, bytes over its HBM bandwidth; the kernels' costs are the estimates
-posjax.attention.flash hands to pallas_call). XLA's cost analysis counts a while loop's body once, so the
-scanned step's FLOPs and bytes get (layers - 1) x those of one encoder layer's forward and backward pass,
-compiled alone under the same mesh. A step that does not fit fails to compile; the compiler's message says
-by how much, and the table shows that.
+No TPU or GPU is needed: `--topology` is any of posjax.aot's (a TPU slice, compiled by libtpu, default
+v5e:2x2; or GPUs such as h200-1, compiled by XLA's GPU compiler through JAX's CUDA plugin, which must be
+installed). For each length and variant it compiles posjax's real BERT-base MLM train step (forward, backward,
+AdamW) with `model.attention_impl` = 'xla' (a dense [B|1]xHxLxL bias handed to jax.nn.dot_product_attention)
+and 'pallas' (posjax.attention.flash: the terms per tile from O(H L) tables; the Mosaic kernel on a TPU, the
+Triton one on a GPU), data-parallel over the topology's chips with `--batch` rows per chip, layers scanned,
+bfloat16 compute, attention dropout off (the kernel does not drop probabilities). It reports per chip the
+compiler's temporary bytes, the whole footprint (arguments + outputs - aliased + temporaries) against the
+chip's HBM, and a roofline time (FLOPs over the chip's bf16 peak, bytes over its HBM bandwidth). On a TPU the
+costs are the compiled cost analyses (the kernels' are the estimates posjax.attention.flash hands to
+pallas_call); XLA's cost analysis counts a while loop's body once, so the scanned step's FLOPs and bytes get
+(layers - 1) x those of one encoder layer's forward and backward pass, compiled alone under the same mesh.
+The GPU compiler gives no cost analysis: its costs are posjax.aot.hlo's count of the HLO text (loops counted
+as often as they run; matmul FLOPs only, none inside the Triton kernel, so its roofline is a lower bound). A
+step that does not fit a TPU fails to compile; the compiler's message says by how much, and the table shows
+that.
 
 It also compiles the scoring function of posjax.analysis.extrapolation (MLM loss on one row) at
 `--extrapolate` x 512 tokens on one chip, to show which variants can be scored at 16x a 512 training length.
@@ -43,17 +48,16 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
+from posjax.aot import hlo, topology  # noqa: E402
 from posjax.data import pretrain  # noqa: E402
 from posjax.analysis import extrapolation  # noqa: E402
+from posjax.errors import ConfigError  # noqa: E402
 from posjax.models import Bert  # noqa: E402
 from posjax.models.bert import Layer  # noqa: E402
 from posjax.training import objectives, optimizer, pretraining, sharding, trainer  # noqa: E402
 
-# Per chip: HBM bytes, bf16 peak FLOP/s, HBM bytes/s (Cloud TPU v5e's published figures).
-CHIPS = {'v5e': (16 * 2**30, 197e12, 819e9)}
 GiB = 2**30
 
 
@@ -71,6 +75,7 @@ class Row:
   bytes_accessed: float | None = None
   roofline_s: float | None = None
   compile_s: float | None = None
+  costs_from: str = 'compiler'  # or 'hlo text' (the GPU compiler gives no cost analysis)
   note: str = ''
 
 
@@ -113,8 +118,7 @@ def needed_bytes(message: str) -> tuple[str, float] | None:
   return None
 
 
-def measure(row: Row, lower, chip) -> Row:
-  hbm, peak, bandwidth = chip
+def measure(row: Row, lower, chip: topology.Chip) -> Row:
   t0 = time.time()
   try:
     compiled = lower().compile()
@@ -129,13 +133,17 @@ def measure(row: Row, lower, chip) -> Row:
                                note=f'does not fit: the compiler needs {n / GiB:.1f} GiB for the {what}')
   ma = compiled.memory_analysis()
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   total = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
            + ma.temp_size_in_bytes)
-  flops, accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
+  flops, accessed, costs_from = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0)), 'compiler'
+  if not cost:
+    counted = hlo.costs(compiled.as_text())
+    flops, accessed, costs_from = counted['matmul_flops'], counted['bytes'], 'hlo text'
   return dataclasses.replace(
-      row, fits=total <= hbm, temp_bytes=float(ma.temp_size_in_bytes), total_bytes=float(total), flops=flops,
-      bytes_accessed=accessed, roofline_s=max(flops / peak, accessed / bandwidth), compile_s=time.time() - t0)
+      row, fits=total <= chip.hbm_bytes, temp_bytes=float(ma.temp_size_in_bytes), total_bytes=float(total),
+      flops=flops, bytes_accessed=accessed, roofline_s=max(flops / chip.peak_flops, accessed / chip.hbm_bandwidth),
+      compile_s=time.time() - t0, costs_from=costs_from)
 
 
 def layer_cost(mcfg, data, mesh, batch_sharding) -> tuple[float, float]:
@@ -168,12 +176,12 @@ def train_row(size, variant, impl, length, batch, mesh, chip) -> Row:
                       for k, v in data.items()}
     row = measure(Row('train', variant, impl, length, batch),
                   lambda: setup.train_step.lower(state, batch_abstract), chip)
-    if row.flops is None:
+    if row.flops is None or row.costs_from != 'compiler':  # the HLO text's count has every layer
       return row
     flops, accessed = layer_cost(mcfg, data, mesh, setup.batch_sharding)
   flops, accessed = row.flops + (mcfg.num_layers - 1) * flops, row.bytes_accessed + (mcfg.num_layers - 1) * accessed
   return dataclasses.replace(row, flops=flops, bytes_accessed=accessed,
-                             roofline_s=max(flops / chip[1], accessed / chip[2]))
+                             roofline_s=max(flops / chip.peak_flops, accessed / chip.hbm_bandwidth))
 
 
 def score_row(size, variant, impl, length, chip_device, chip) -> Row:
@@ -194,12 +202,14 @@ def gib(x):
   return '-' if x is None else f'{x / GiB:.2f}'
 
 
-def markdown(rows: list[Row], topology: str, size: str) -> str:
+def markdown(rows: list[Row], topo: topology.Topology, size: str) -> str:
   base = {(r.what, r.length, r.impl): r for r in rows if r.variant == 'absolute'}
-  out = [f'BERT-{size} MLM train step on {topology} (per chip; bfloat16 compute, scanned layers, attention '
-         'dropout off). temp: the TPU compiler\'s temporaries; total: arguments + outputs - aliased + temp, '
-         'against 16 GiB HBM; x abs: temp / absolute\'s with the same implementation; roofline: max(FLOPs / '
-         'peak, bytes / bandwidth) from the compiled cost analysis.', '',
+  costs = ('the compiled cost analysis' if all(r.costs_from == 'compiler' for r in rows) else
+           'the HLO text\'s matmuls and bytes (no cost analysis from this compiler; kernels\' FLOPs not counted)')
+  out = [f'BERT-{size} MLM train step on {topo.name} (per chip; bfloat16 compute, scanned layers, attention '
+         f'dropout off). temp: the compiler\'s temporaries; total: arguments + outputs - aliased + temp, '
+         f'against {topo.chip.hbm_bytes / GiB:.1f} GiB HBM; x abs: temp / absolute\'s with the same implementation; '
+         f'roofline: max(FLOPs / peak, bytes / bandwidth) from {costs}.', '',
          '| L | rows/chip | variant | XLA temp GiB | x abs | XLA total GiB | XLA roofline ms | kernel temp GiB '
          '| x abs | kernel total GiB | kernel roofline ms | kernel / XLA temp |', '|' + '---|' * 12]
   for length in sorted({r.length for r in rows if r.what == 'train'}):
@@ -250,15 +260,14 @@ def main(argv=None):
   ap.add_argument('--impls', default='xla,pallas')
   ap.add_argument('--batch', type=int, default=1, help='rows per chip')
   ap.add_argument('--extrapolate', type=int, default=16, help='score at this multiple of 512 (0: skip)')
-  ap.add_argument('--out', default='bench_tpu_attention')
+  ap.add_argument('--out', default='bench_attention_memory')
   a = ap.parse_args(argv)
-  generation = a.topology.split(':')[0]
-  if generation not in CHIPS:
-    raise SystemExit(f'error: --topology {a.topology!r}: chip figures known for {", ".join(CHIPS)} only')
-  chip = CHIPS[generation]
-  topo = topologies.get_topology_desc(platform='tpu', topology_name=a.topology, chip_config_name='default',
-                                      chips_per_host_bounds=(2, 2, 1), num_slices=1)
-  devices = topo.devices
+  try:
+    topo = topology.parse(a.topology)
+    devices = topology.devices(topo)
+  except ConfigError as e:
+    raise SystemExit(f'error: {e}') from None
+  chip = topo.chip
   mesh = jax.make_mesh((len(devices), 1, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
   os.makedirs(a.out, exist_ok=True)
@@ -272,7 +281,7 @@ def main(argv=None):
     with open(path, 'w') as f:
       json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
     with open(os.path.join(a.out, 'results.md'), 'w') as f:
-      f.write(markdown(rows, a.topology, a.size) + '\n')
+      f.write(markdown(rows, topo, a.size) + '\n')
 
   impls = a.impls.split(',')
   for length in (int(x) for x in a.lengths.split(',')):
@@ -286,7 +295,7 @@ def main(argv=None):
       for impl in impls:
         if ('score', variant, impl, length) not in done:
           save(score_row(a.size, variant, impl, length, devices[0], chip))
-  print(markdown(rows, a.topology, a.size))
+  print(markdown(rows, topo, a.size))
   return 0
 
 
