@@ -49,9 +49,9 @@ def run(model, params, b, seed):
 def setup():
   model = pretrainer()
   b, original = batch()
-  params = nn.unbox(model.init({'params': jax.random.PRNGKey(0), 'sample': jax.random.PRNGKey(1)},
-                               b['ids'], b['mask'], b['type_ids'], b['positions'], b['labels'],
-                               b['weights'])['params'])
+  params = nn.unbox(jax.jit(lambda: model.init({'params': jax.random.PRNGKey(0), 'sample': jax.random.PRNGKey(1)},
+                                              b['ids'], b['mask'], b['type_ids'], b['positions'], b['labels'],
+                                              b['weights']))()['params'])
   # Make the generator confident about special tokens and about the originals, so that sampling them is
   # likely unless it is prevented.
   bias = np.array(params['generator']['mlm_head']['bias'])

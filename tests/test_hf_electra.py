@@ -151,8 +151,8 @@ def test_pretrainer_exports_a_discriminator_transformers_loads(tmp_path):
   model = ElectraPretrainer(cfg, generator_fraction=0.5)
   ids = np.ones((1, 8), np.int32)
   pos = np.zeros((1, 2), np.int32)
-  params = nn.unbox(model.init({'params': jax.random.PRNGKey(0), 'sample': jax.random.PRNGKey(1)}, ids,
-                               ids > 0, ids * 0, pos, pos, pos.astype(np.float32))['params'])
+  params = nn.unbox(jax.jit(lambda: model.init({'params': jax.random.PRNGKey(0), 'sample': jax.random.PRNGKey(1)},
+                                              ids, ids > 0, ids * 0, pos, pos, pos.astype(np.float32)))()['params'])
   (gen_cfg, gen), (disc_cfg, disc) = hf_electra.split_pretrainer(cfg, params, 0.5)
   hf_electra.export_electra(disc_cfg, disc, str(tmp_path / 'disc'))
   hf_electra.export_electra(gen_cfg, gen, str(tmp_path / 'gen'))

@@ -43,7 +43,7 @@ def test_forward_mode_passes_through_broadcast_batch_and_a_model_using_it(varian
                            max_position_embeddings=16, attention=variant)
   ids = jax.random.randint(jax.random.PRNGKey(2), (3, 7), 5, 40)
   model = posjax.Bert(cfg)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), ids))['params']
+  params = nn.unbox(jax.jit(lambda: model.init(jax.random.PRNGKey(0), ids))())['params']
   direction = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.1, params)
   f = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, ids)['mlm_logits_BxLxV']))  # noqa: E731
   _, df = jax.jvp(f, (params,), (direction,))

@@ -34,7 +34,7 @@ def test_heads_and_gradients_match_the_full_encoder(fields):
   cfg = posjax.ModelConfig(**{**BASE, **fields})
   model = posjax.Bert(cfg)
   ids, mask, pos = _batch()
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), ids, mask, mlm_positions_BxP=pos))['params']
+  params = nn.unbox(jax.jit(lambda: model.init(jax.random.PRNGKey(0), ids, mask, mlm_positions_BxP=pos))())['params']
 
   def run(p, sparse):
     out = model.apply({'params': p}, ids, mask, mlm_positions_BxP=pos, only_predicted_rows=sparse)
@@ -61,7 +61,7 @@ def test_the_last_layer_really_runs_on_fewer_rows():
   cfg = posjax.ModelConfig(**BASE)
   model = posjax.Bert(cfg)
   ids, mask, pos = _batch()
-  params = model.init(jax.random.PRNGKey(0), ids, mask, mlm_positions_BxP=pos)['params']
+  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), ids, mask, mlm_positions_BxP=pos))()['params']
   flops = [jax.jit(lambda p, s=s: model.apply({'params': p}, ids, mask, mlm_positions_BxP=pos,
                                               only_predicted_rows=s)['mlm_logits_BxLxV']).lower(params)
            .compile().cost_analysis()['flops'] for s in (False, True)]
@@ -74,7 +74,7 @@ def test_needs_positions_with_an_mlm_head_and_no_per_token_head(fields):
   cfg = posjax.ModelConfig(**{**BASE, **fields})
   ids, mask, pos = _batch()
   model = posjax.Bert(cfg)
-  params = model.init(jax.random.PRNGKey(0), ids, mask)['params']
+  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), ids, mask))()['params']
   with pytest.raises(ValueError, match='only_predicted_rows needs a model without a discriminator head'):
     model.apply({'params': params}, ids, mask, mlm_positions_BxP=pos if fields else None,
                 only_predicted_rows=True)
@@ -88,7 +88,7 @@ def test_a_classifier_runs_the_last_layer_on_cls_alone(fields):
   cfg = posjax.ModelConfig(**{**BASE, **fields, 'mlm_head': False})
   ids, mask, _ = _batch()
   model = Classifier(cfg, 3)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), ids, mask, jnp.zeros_like(ids)))['params']
+  params = nn.unbox(jax.jit(lambda: model.init(jax.random.PRNGKey(0), ids, mask, jnp.zeros_like(ids)))())['params']
 
   def full(p):  # the same head on the full encoder's [CLS] row
     out = posjax.Bert(cfg).apply({'params': p['bert']}, ids, mask)
