@@ -17,7 +17,7 @@ HAS_PLUGIN = importlib.util.find_spec('jax_plugins') is not None and importlib.u
 def test_gpu_hosts_are_named_by_their_count(spec, chips):
   topo = topology.parse(spec)
   assert topo.chips == chips and topo.name == spec and topo.chip.platform == 'gpu'
-  assert f'core_count: 132' in topo.chip.gpu_target and topo.chip.device_kind in topo.chip.gpu_target
+  assert 'core_count: 132' in topo.chip.gpu_target and topo.chip.device_kind in topo.chip.gpu_target
 
 
 @pytest.mark.parametrize('spec, num_slices, message', [

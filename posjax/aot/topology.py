@@ -32,7 +32,7 @@ GiB = 2 ** 30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  name: str  # what slice names start with: v4, v5e, v5p, v6e
+  name: str  # what slice names start with: v4, v5e, v5p, v6e, h100, h200
   device_kind: str  # jax's Device.device_kind for it
   hbm_bytes: int
   peak_flops: float  # bf16 FLOP/s
