@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     impls = IMPLS if backend == 'gpu' else ('kernel', 'xla')
   elif backend != 'gpu':
     print(f'error: bench/gpu_attention.py measures on a GPU; JAX\'s backend here is {backend!r} '
-          '(--smoke checks the script on any backend; --compile_for=h100|h200 compiles for one: memory only)', file=sys.stderr)
+          '(--smoke checks the script on any backend; --compile_for=h100|h200 compiles for one: memory only)',
+          file=sys.stderr)
     return 2
   rows = measure(args.lengths, args.batch, heads, dh, jnp.dtype(args.dtype), args.repeats, impls,
                  interpret=backend != 'gpu' and device is None, device=device)
