@@ -190,3 +190,23 @@ def test_readers_verify_like_a_resume_and_change_nothing(tmp_path, caplog):
     checkpoint.read(str(workdir), step=2)
   with pytest.raises(ConfigError, match=r'has no checkpoint at step 7; it has 1, 2'):
     checkpoint.read(str(workdir), step=7)
+
+
+def test_asyncio_duplicates_of_tensorstore_failures_are_dropped():
+  """A failed read's sibling tensorstore futures, awaited as asyncio tasks, fail from C++: asyncio's 'Task
+  exception was never retrieved' record then has no orbax or tensorstore frame, only the spec in its message.
+  It is dropped like the others; another task's failure is not."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  import sys as std_sys  # pylint: disable=g-import-not-at-top
+  from posjax.training import checkpoint as checkpoint_lib  # noqa: F401  (installs the filter)
+
+  def record(message):
+    try:
+      raise ValueError(message)
+    except ValueError:
+      info = std_sys.exc_info()
+    return std_logging.LogRecord('asyncio', std_logging.ERROR, __file__, 1,
+                                 'Task exception was never retrieved\nfuture: <Task finished>', (), info)
+  logger = std_logging.getLogger('asyncio')
+  assert not logger.filter(record("OUT_OF_RANGE: Error reading [tensorstore_spec='{\"driver\":\"zarr\"}']"))
+  assert logger.filter(record('a failure of our own'))

@@ -85,13 +85,17 @@ def file_digest(path: str) -> str | None:
 
 
 def _from_orbax(record) -> bool:
-  """A log record of an exception raised inside orbax or tensorstore."""
-  tb = record.exc_info[2] if record.exc_info else None
+  """A log record of an exception raised inside orbax or tensorstore. A tensorstore future awaited as an
+  asyncio task raises from C++: its traceback has asyncio's frames only, and its message the tensorstore
+  spec."""
+  if not record.exc_info:
+    return False
+  tb = record.exc_info[2]
   while tb is not None:
     if any(part in tb.tb_frame.f_code.co_filename for part in ('/orbax/', 'tensorstore')):
       return True
     tb = tb.tb_next
-  return False
+  return 'tensorstore_spec=' in str(record.exc_info[1])
 
 
 # Orbax runs its reads and writes as asyncio tasks; when one fails (a full disk, a damaged file) the error
