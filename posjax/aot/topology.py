@@ -184,6 +184,7 @@ def devices(topology: Topology) -> list:
   """Compile-only devices of the topology (num_slices slices of its grid), in libtpu's order; slice
   `device.slice_index`. Needs libtpu (`pip install libtpu`, or posjax's `test` extra); GPUs need JAX's CUDA
   plugin."""
+  import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   if topology.chip.platform == 'gpu':
     try:
@@ -192,7 +193,7 @@ def devices(topology: Topology) -> list:
     except Exception as e:  # pylint: disable=broad-except  (NotImplementedError without the plugin)
       raise ConfigError(f'--topology {topology.name}: JAX cannot describe this GPU here ({type(e).__name__}: '
                         f'{str(e).splitlines()[0]}); it needs JAX\'s CUDA plugin, pip install '
-                        f'\'jax[cuda12]=={_jax_version()}\', with JAX on the CPU (JAX_PLATFORMS=cpu)') from None
+                        f'\'jax[cuda12]=={jax.__version__}\', with JAX on the CPU (JAX_PLATFORMS=cpu)') from None
     return list(desc.devices)
   prepare_libtpu()
   try:
@@ -205,8 +206,3 @@ def devices(topology: Topology) -> list:
       message += ' (is libtpu installed? pip install libtpu, or posjax[test])'
     raise ConfigError(f'--topology {topology.libtpu_name}: libtpu refused it: {message}') from None
   return list(desc.devices)
-
-
-def _jax_version() -> str:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.__version__
