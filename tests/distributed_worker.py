@@ -12,7 +12,7 @@ import sys
 
 num_processes, process_id, port, local_devices = (int(a) for a in sys.argv[1:5])
 workdir, out, tokenizer = sys.argv[5:8]
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={local_devices}'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={local_devices}"
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # noqa: E402

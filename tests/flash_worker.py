@@ -7,7 +7,7 @@ too, the GPU's (Triton) with heads of 16, each in interpret mode."""
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import dataclasses  # noqa: E402

@@ -14,6 +14,11 @@ def load_config_module(name='bert'):
   return importlib.import_module(f'posjax.configs.{name}')
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a process with `devices` CPU devices that keeps the suite's own flags (conftest.py)."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def micro_config(arg='tiny', **overrides):
   """BERT-tiny shrunk so a few dozen steps take seconds on 2 CPU cores."""
   c = load_config_module('bert').get_config(arg)

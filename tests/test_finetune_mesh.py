@@ -10,13 +10,13 @@ import sys
 
 import numpy as np
 
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 from test_glue import tiny_hf_bert, toy_sst2
 from test_preemption import env_with_cache, final_state, finalised_steps, flat, run_until
 
 STEPS = 40
 MESH = ['--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2']
-EIGHT = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+EIGHT = {'XLA_FLAGS': xla_flags(8)}
 # Sharded reductions add in another order than one device's: after 40 Adam steps the parameters differ by
 # float32 rounding, which the logits show at the 1e-5 level; 1e-4 leaves margin and is far below any change
 # a real difference (a missing all-reduce, a wrong shard) makes, which moves logits by 1e-2 and more.

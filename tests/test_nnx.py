@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nnx_worker
+from helpers import xla_flags
 import posjax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,7 +37,7 @@ def test_to_nnx_equals_linen_apply_and_trains():
 
 def test_mesh_training_matches_one_device(tmp_path):
   out = tmp_path / 'nnx.npz'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS='cpu')
   run = subprocess.Popen([sys.executable, os.path.join(HERE, 'nnx_worker.py'), str(out)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   single = nnx_worker.train(nnx_worker.build_jit())  # meanwhile, on this process's one device

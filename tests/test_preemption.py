@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 from posjax.training import preemption
 
 MICRO = ['--config=configs/bert.py:tiny', '--config.model.hidden_size=32', '--config.model.num_heads=2',
@@ -138,7 +138,7 @@ def test_sigkill_then_sigterm_then_resume_is_bitwise_uninterrupted(tmp_path):
 def test_sigkill_then_sigterm_then_resume_under_fsdp8(tmp_path):
   kill_term_resume_matches_uninterrupted(
       tmp_path, steps=120, checkpoint_every=20, extra=['--config.mesh.fsdp=8', '--config.mesh.data=1'],
-      env_extra={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+      env_extra={'XLA_FLAGS': xla_flags(8)})
 
 
 class FakeProcesses:
