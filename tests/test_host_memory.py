@@ -14,8 +14,8 @@ from posjax.training import host_memory
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
                                 reason='glibc malloc only')
 
-# Runs a jitted computation with 4 MB temporaries five times and prints the minor page faults of the last
-# four runs (~93k with glibc's defaults on a 2-core CI-like machine: every run maps its buffers afresh).
+# Runs a jitted computation with 1 MB temporaries five times and prints the minor page faults of the last
+# four runs (~24k with glibc's defaults on a 2-core CI-like machine: every run maps its buffers afresh).
 CHILD = r'''
 import resource, sys
 from posjax.training import host_memory
@@ -26,7 +26,7 @@ def f(x):
   for _ in range(4):
     x = jnp.tanh(x @ x) + x
   return x.sum()
-x = jnp.ones((1024, 1024)) / 1024
+x = jnp.ones((512, 512)) / 512
 f(x).block_until_ready()
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
@@ -39,6 +39,13 @@ def _env(**extra):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith('MALLOC_') and k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')}
   return {**env, 'JAX_PLATFORMS': 'cpu', **extra}
+
+
+def _line(env):
+  """What keep_freed_memory() says in a fresh process with environment `env`."""
+  code = 'from posjax.training import host_memory; print(host_memory.keep_freed_memory())'
+  return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True,
+                        timeout=120).stdout.strip()
 
 
 def _run(mode, **extra):
@@ -57,20 +64,17 @@ def test_freed_memory_is_reused_without_page_faults():
 
 
 def test_environment_settings_win():
-  line, faults = _run('keep', MALLOC_ARENA_MAX='4')
-  assert line == 'host malloc: left as the environment sets it'
+  assert _line(_env(MALLOC_ARENA_MAX='4')) == 'host malloc: left as the environment sets it'
 
 
 @pytest.mark.parametrize('env', [{'JAX_PLATFORMS': 'tpu'}, {'JAX_PLATFORMS': 'cuda,cpu'},
                                  {'PJRT_NAMES_AND_LIBRARY_PATHS': 'x:/nonexistent/plugin.so'}])
 def test_left_alone_where_an_accelerator_may_run(env):
   # No computation follows, so JAX never tries to initialise the (absent) accelerator backend.
-  code = 'from posjax.training import host_memory; print(host_memory.keep_freed_memory())'
   full = _env(**env)
   if 'JAX_PLATFORMS' not in env:
     del full['JAX_PLATFORMS']
-  out = subprocess.run([sys.executable, '-c', code], env=full, capture_output=True, text=True, check=True,
-                       timeout=120).stdout.strip()
+  out = _line(full)
   assert out == 'host malloc: left as is (an accelerator may run the steps)', (env, out)
 
 
@@ -90,11 +94,9 @@ def test_left_alone_where_a_pjrt_plugin_package_is_installed(tmp_path):
   # What jax[cuda12] and other PJRT plugins install: a module in the `jax_plugins` namespace package.
   (tmp_path / 'jax_plugins' / 'xla_fake').mkdir(parents=True)
   (tmp_path / 'jax_plugins' / 'xla_fake' / '__init__.py').write_text('')
-  code = 'from posjax.training import host_memory; print(host_memory.keep_freed_memory())'
   env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
   del env['JAX_PLATFORMS']
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True,
-                       timeout=120).stdout.strip()
+  out = _line(env)
   assert out == 'host malloc: left as is (an accelerator may run the steps)', out
 
 
@@ -105,11 +107,9 @@ def test_cpu_runs_keep_the_settings_where_libtpu_is_installed():
     pytest.skip('libtpu is not installed')
   if host_memory._tpu_chips():  # pylint: disable=protected-access
     pytest.skip('this machine has TPU chips')
-  code = 'from posjax.training import host_memory; print(host_memory.keep_freed_memory())'
   env = _env()
   del env['JAX_PLATFORMS']
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True,
-                       timeout=120).stdout.strip()
+  out = _line(env)
   assert out.startswith('host malloc: one arena'), out
 
 
