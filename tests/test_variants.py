@@ -51,25 +51,44 @@ def has_absolute_positions(variant):
       registry.parse(variant).position_embedding.name != 'none'
 
 
+# The tests below that use it are parametrized with scope='module': pytest then orders them variant by variant,
+# so that each worker process compiles a variant's programs once, not both.
 @pytest.fixture(scope='module')
 def apply_fn():
+  """(fn, params) per variant and compute dtype: fn(params, ids, mask) -> (hidden_BxLxD, the gradients of a
+  loss that every parameter reaches through the MLM logits and the pooled output), one compiled program for
+  every float32 check of this file (compiling is most of their time). bfloat16: the forward pass alone, with
+  None for the gradients (its backward pass takes ~3x as long to compile on XLA:CPU). Parameters are float32
+  in both dtypes."""
   cache = {}
 
   def get(variant, dtype=jnp.float32):
     key = (variant, dtype)
     if key not in cache:
-      cfg = small_config(variant, dtype=dtype)
-      model = posjax.Bert(cfg)
-      ids = jnp.ones((2, 24), jnp.int32)
-      params = perturbed_init(model, ids)
-      cache[key] = (jax.jit(lambda p, i, m: model.apply({'params': p}, i, m)['hidden_BxLxD']), params, model)
+      model = posjax.Bert(small_config(variant, dtype=dtype))
+      params = get(variant)[1] if dtype != jnp.float32 else perturbed_init(model, jnp.ones((2, 24), jnp.int32))
+
+      def fn(p, ids, mask):
+        def loss(p):
+          out = model.apply({'params': p}, ids, mask)
+          logits, pooled = (out[k].astype(jnp.float32) for k in ('mlm_logits_BxLxV', 'pooled_BxD'))
+          return jnp.mean(logits ** 2) + jnp.mean(pooled ** 2), out['hidden_BxLxD']
+        if dtype != jnp.float32:
+          return model.apply({'params': p}, ids, mask)['hidden_BxLxD'], None
+        return jax.grad(loss, has_aux=True)(p)[::-1]
+      cache[key] = (jax.jit(fn), params)
     return cache[key]
   return get
 
 
-@pytest.mark.parametrize('variant', variants())
+def hidden(fn):
+  return lambda *args: fn(*args)[0]
+
+
+@pytest.mark.parametrize('variant', variants(), scope='module')
 def test_padding_does_not_change_real_tokens(variant, apply_fn):
-  fn, params, _ = apply_fn(variant)
+  fn, params = apply_fn(variant)
+  fn = hidden(fn)
   rng = np.random.default_rng(0)
   ids = np.zeros((2, 24), np.int32)
   ids[:, :13] = rng.integers(5, 97, size=(2, 13))
@@ -88,9 +107,10 @@ def test_padding_does_not_change_real_tokens(variant, apply_fn):
   np.testing.assert_allclose(fn(params, noisy, ids != 0)[:, :13], short[:, :13], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize('variant', [v for v in variants() if not has_absolute_positions(v)])
+@pytest.mark.parametrize('variant', [v for v in variants() if not has_absolute_positions(v)], scope='module')
 def test_translation_equivariance_without_absolute_positions(variant, apply_fn):
-  fn, params, _ = apply_fn(variant)
+  fn, params = apply_fn(variant)
+  fn = hidden(fn)
   rng = np.random.default_rng(1)
   seq = rng.integers(5, 97, size=10)
   ids = np.zeros((2, 24), np.int32)
@@ -101,9 +121,10 @@ def test_translation_equivariance_without_absolute_positions(variant, apply_fn):
   np.testing.assert_allclose(out[1, 7:17], out[0, :10], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize('variant', [v for v in variants() if has_absolute_positions(v)])
+@pytest.mark.parametrize('variant', [v for v in variants() if has_absolute_positions(v)], scope='module')
 def test_absolute_positions_break_translation_equivariance(variant, apply_fn):
-  fn, params, _ = apply_fn(variant)
+  fn, params = apply_fn(variant)
+  fn = hidden(fn)
   seq = np.random.default_rng(1).integers(5, 97, size=10)
   ids = np.zeros((2, 24), np.int32)
   ids[0, :10], ids[1, 7:17] = seq, seq
@@ -111,33 +132,27 @@ def test_absolute_positions_break_translation_equivariance(variant, apply_fn):
   assert np.abs(out[1, 7:17] - out[0, :10]).max() > 1e-3
 
 
-@pytest.mark.parametrize('variant', variants())
+@pytest.mark.parametrize('variant', variants(), scope='module')
 def test_gradients_are_finite_and_reach_every_parameter(variant, apply_fn):
-  _, params, model = apply_fn(variant)
+  fn, params = apply_fn(variant)
   ids = np.random.default_rng(2).integers(5, 97, size=(2, 24)).astype(np.int32)
   ids[1, 15:] = 0
-
-  @jax.jit
-  def loss(p):
-    out = model.apply({'params': p}, ids, ids != 0)
-    return jnp.mean(out['mlm_logits_BxLxV'] ** 2) + jnp.mean(out['pooled_BxD'] ** 2)
-
-  grads = jax.grad(loss)(params)
+  _, grads = fn(params, ids, ids != 0)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert np.isfinite(np.asarray(g)).all(), path
     assert np.abs(np.asarray(g)).max() > 0, f'no gradient reaches {jax.tree_util.keystr(path)}'
 
 
 @pytest.mark.parametrize('variant', [v if '+' not in v else pytest.param(v, marks=pytest.mark.slow)
-                                     for v in variants()])
+                                     for v in variants()], scope='module')
 def test_bfloat16_runs(variant, apply_fn):
-  fn, params, _ = apply_fn(variant, jnp.bfloat16)
+  fn, params = apply_fn(variant, jnp.bfloat16)
   ids = np.random.default_rng(3).integers(5, 97, size=(2, 24)).astype(np.int32)
-  out = fn(params, ids, ids != 0)
+  out, _ = fn(params, ids, ids != 0)
   assert out.dtype == jnp.bfloat16
   assert np.isfinite(np.asarray(out, np.float32)).all()
-  ref, p32, _ = apply_fn(variant)
-  np.testing.assert_allclose(np.asarray(out, np.float32), ref(p32, ids, ids != 0), atol=0.15)
+  ref, _ = apply_fn(variant)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref(params, ids, ids != 0)[0], atol=0.15)
 
 
 @pytest.fixture(scope='module')
