@@ -14,8 +14,9 @@ from posjax.training import host_memory
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
                                 reason='glibc malloc only')
 
-# Runs a jitted computation with 1 MB temporaries five times and prints the minor page faults of the last
-# four runs (~24k with glibc's defaults on a 2-core CI-like machine: every run maps its buffers afresh).
+# Runs a jitted computation with 2.25 MB temporaries five times and prints the minor page faults of the last
+# four runs (~120k with glibc's defaults on a 2-core CI-like machine: every run maps its buffers afresh; with
+# 1 MB ones glibc's sliding mmap threshold kept some, and the count varied from 4k to 22k with the load).
 CHILD = r'''
 import resource, sys
 from posjax.training import host_memory
@@ -26,7 +27,7 @@ def f(x):
   for _ in range(4):
     x = jnp.tanh(x @ x) + x
   return x.sum()
-x = jnp.ones((512, 512)) / 512
+x = jnp.ones((768, 768)) / 768
 f(x).block_until_ready()
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
