@@ -11,7 +11,8 @@ at most --max_compiles compiles; a bracket left open is marked >=) and the estim
 total memory per chip, and their ratio to `absolute`.
 
 Rows are kept in bench/results/aot_{models,variants}.json as they finish (a row already there is not
-compiled again; delete the file to start over) and the tables written to bench/results/aot_*.md.
+compiled again; delete the file to start over; `models --reopen` searches further, from the figures kept,
+the rows whose largest batch is still a lower bound) and the tables written to bench/results/aot_*.md.
 Compiles of these sizes take minutes each on 2 CPU cores.
 """
 
@@ -88,6 +89,9 @@ def models(args):
           row.pop('mfu', None)
           row['costs'] = COSTS
           _save(path, rows)
+        if key in rows and args.reopen and not rows[key].get('largest_exact'):
+          search(rows[key], c, devices, topo, known_from(rows[key]), args.max_compiles)
+          _save(path, rows)
         if key in rows:
           continue
         row = {'model': label, 'L': seq_len, 'topology': spec, 'mesh': 'fsdp', 'batch': args.batch, 'costs': COSTS}
@@ -103,18 +107,7 @@ def models(args):
           row.update(fits=False, compile_s=time.perf_counter() - t)
           known = {args.batch: None}
         print(key, row, flush=True)
-        try:
-          best, tried = compile_lib.find_max_batch(c, devices, topo.chip, max_compiles=args.max_compiles,
-                                                   known=known, log=lambda s: print('  ', s, flush=True))
-        except compile_lib.DoesNotFit as e:  # no batch fits, or none tried before the compile budget ran out
-          row.update(largest=0, below=e.below, tried=[], largest_exact=e.below is None, largest_mfu=None)
-        else:
-          largest = best.config.batch_size
-          r = compile_lib.report(best, topo.chip, topo.name)
-          # Exact when the next multiple of the divisor was found not to fit.
-          exact = largest + r['batch']['divisor'] in set(tried) | {args.batch}
-          row.update(largest=largest, tried=tried, largest_exact=exact, largest_mfu=r['roofline']['mfu'],
-                     largest_memory_gib=r['memory_per_chip']['total'] / GiB)
+        search(row, c, devices, topo, known, args.max_compiles)
         rows[key] = row
         _save(path, rows)
   # The README's table, as it stands there.
@@ -135,6 +128,38 @@ def models(args):
     table.append(f'| {row["model"]} | {row["L"]} | {row["topology"]} | FSDP over {chips} chips | {fits} | '
                  f'{largest} | {mfu} | {compile_s} |')
   return '\n'.join(table)
+
+
+def search(row, c, devices, topo, known, max_compiles):
+  """The largest batch that fits into `row`, searched from the compiles in `known` ({batch: Compiled, bytes
+  per chip, or None where it did not fit})."""
+  from posjax.aot import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  try:
+    best, tried = compile_lib.find_max_batch(c, devices, topo.chip, max_compiles=max_compiles, known=known,
+                                             log=lambda s: print('  ', s, flush=True))
+  except compile_lib.DoesNotFit as e:  # no batch fits, or none tried before the compile budget ran out
+    row.update(largest=0, below=e.below, tried=row.get('tried', []), largest_exact=e.below is None,
+               largest_mfu=None)
+    return
+  largest = best.config.batch_size
+  r = compile_lib.report(best, topo.chip, topo.name)
+  tried = sorted(set(row.get('tried', [])) | set(tried))
+  # Exact when the next multiple of the divisor was found not to fit.
+  exact = largest + r['batch']['divisor'] in set(tried) | set(known)
+  row.update(largest=largest, tried=tried, largest_exact=exact, largest_mfu=r['roofline']['mfu'],
+             largest_memory_gib=r['memory_per_chip']['total'] / GiB, below=None)
+
+
+def known_from(row) -> dict:
+  """The search's known compiles from a kept row: its batch-256 compile, its largest fit and, above that, the
+  batches it tried (which did not fit)."""
+  known = {row['batch']: int(row['memory_gib'] * GiB) if row.get('fits') else None}
+  if row.get('largest'):
+    known[row['largest']] = int(row['largest_memory_gib'] * GiB)
+  known.update({b: None for b in row.get('tried', []) if b > row.get('largest', 0)})
+  if row.get('below'):
+    known[row['below']] = None
+  return known
 
 
 def variants(args):
@@ -185,6 +210,8 @@ def main(argv=None) -> int:
   ap.add_argument('--variants', default=','.join(VARIANTS), type=lambda s: s.split(','))
   ap.add_argument('--batch', default=256, type=int)
   ap.add_argument('--max_compiles', default=4, type=int, help='per largest-batch search')
+  ap.add_argument('--reopen', action='store_true',
+                  help='models: search again, from the figures kept, rows whose largest batch is a lower bound')
   args = ap.parse_args(argv)
   sys.path.insert(0, ROOT)
   text = models(args) if args.table == 'models' else variants(args)

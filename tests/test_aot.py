@@ -332,6 +332,26 @@ def test_find_max_batch_closes_the_bracket_in_few_compiles(monkeypatch, devices,
   assert len(calls) <= compiles, calls
 
 
+def test_find_max_batch_resumes_from_figures_and_compiles_a_fit_known_only_by_them(monkeypatch, devices):
+  # bench/aot_tables.py resumes searches from the bytes its JSON kept: two known fits give the line at once.
+  topo, devs = devices('v5e:1x1')
+  chip = dataclasses.replace(topo.chip, hbm_bytes=4000)
+  calls = []
+
+  def probe(config, devs_, chip_, batch):
+    calls.append(batch)
+    total = 100 + 3 * batch
+    return (total, f'compiled at {batch}') if total <= 4000 else (None, None)
+
+  monkeypatch.setattr(compile_lib, '_probe', probe)
+  known = {256: 100 + 3 * 256, 512: 100 + 3 * 512}
+  best, tried = compile_lib.find_max_batch(small_config(batch_size=256), devs, chip, known=known)
+  assert calls == tried == [1300, 1301] and best == 'compiled at 1300'
+  calls.clear()  # no compile left: the largest fit is the known one, compiled to be returned
+  best, tried = compile_lib.find_max_batch(small_config(batch_size=256), devs, chip, max_compiles=0, known=known)
+  assert tried == [] and calls == [512] and best == 'compiled at 512'
+
+
 @pytest.mark.parametrize('max_compiles, below, message', [
     (16, None, 'no batch fits: not even 1 '),
     (2, 256, 'no batch tried fits, down to 256: the search stopped after 2 compiles')])  # 1024, then a quarter

@@ -128,14 +128,15 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
   the batch divisor: memory is nearly linear in k, so the next k is the line through the two largest that fit
   extrapolated to the chip's HBM, clamped into the bracket of known fits and misses, and the bracket is
   halved instead whenever the previous extrapolation missed. Ends when the bracket closes or after
-  `max_compiles` (then the largest fit found). `known`: {batch size: its Compiled, or None where it did not
-  fit} from compiles already made."""
+  `max_compiles` (then the largest fit found). `known`: {batch size: its Compiled, its per-chip total bytes
+  (a report's figure), or None where it did not fit} from compiles already made; a largest fit known only by
+  its bytes is compiled once more at the end, to be returned."""
   mesh = sharding.make_mesh(config.mesh, devices)
   d = batch_divisor(config, mesh)
   hbm = chip.hbm_bytes if chip is not None else None
   lo, hi, fits, tried, best, misses = 0, None, {}, [], None, []
   for b, made in (known or {}).items():
-    total = report_memory(made.compiled)['total'] if made is not None else None
+    total = made if made is None or isinstance(made, int) else report_memory(made.compiled)['total']
     if total is None or (hbm is not None and total > hbm):
       hi = min(hi or b // d, b // d)
       misses.append(b)
@@ -170,6 +171,8 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
     if guess is None:  # double up, quarter down (from a miss with no fit known), else halve the bracket
       guess = 2 * lo if hi is None else (hi // 4 if not lo else (lo + hi) // 2)
     k = max(guess, lo + 1) if hi is None else min(max(guess, lo + 1), hi - 1)
+  if isinstance(best, int):
+    best = _probe(config, devices, chip, lo * d)[1]
   if not lo:
     smallest = min(tried + misses or [d])
     if smallest <= d:
