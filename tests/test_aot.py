@@ -310,13 +310,14 @@ def test_cli_report_and_json(tmp_path):
 
 
 @pytest.mark.parametrize('start, per_row, convex, largest, compiles', [
-    (256, 3.0, 0, 1300, 4), (16, 0.37, 0, 10540, 4), (4096, 50.0, 0, 78, 10), (256, 3.0, 1e-5, 1294, 7),
+    (256, 3.0, 0, 1300, 4), (16, 0.37, 0, 10540, 4), (4096, 50.0, 0, 78, 7), (256, 3.0, 1e-5, 1294, 4),
     (16, 0.37, 1e-5, 8560, 14)])
 def test_find_max_batch_closes_the_bracket_in_few_compiles(monkeypatch, devices, start, per_row, convex, largest,
                                                             compiles):
   # Memory per chip (MB) = 100 + per_row x batch (+ convex x batch^2); the chip has 4000 MB. Divisor 1. Linear
-  # memory takes four compiles (two points, the extrapolation and the batch after it), a start far too large
-  # quarters down first, and a convex curve alternates extrapolations that overshoot with halvings.
+  # memory takes four compiles (the start, the line through it and the origin, which undershoots, the two-point
+  # extrapolation and the batch after it), a start far too large quarters down first, and a convex curve far
+  # from the start alternates extrapolations that overshoot with halvings.
   topo, devs = devices('v5e:1x1')
   chip = dataclasses.replace(topo.chip, hbm_bytes=4000)
   calls = []
@@ -350,6 +351,10 @@ def test_find_max_batch_resumes_from_figures_and_compiles_a_fit_known_only_by_th
   calls.clear()  # no compile left: the largest fit is the known one, compiled to be returned
   best, tried = compile_lib.find_max_batch(small_config(batch_size=256), devs, chip, max_compiles=0, known=known)
   assert tried == [] and calls == [512] and best == 'compiled at 512'
+  calls.clear()  # one known fit: the line through it and the origin first (undershoots), then the two-point line
+  best, tried = compile_lib.find_max_batch(small_config(batch_size=256), devs, chip, max_compiles=2,
+                                           known={256: 100 + 3 * 256})
+  assert calls == tried == [1179, 1300] and best == 'compiled at 1300'
 
 
 @pytest.mark.parametrize('max_compiles, below, message', [

@@ -126,8 +126,9 @@ def _probe(config, devices, chip: Chip | None, batch_size: int) -> tuple[int | N
 def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, known=None, log=None):
   """(the compiled step at the largest global batch that fits, batch sizes tried), searching multiples k of
   the batch divisor: memory is nearly linear in k, so the next k is the line through the two largest that fit
-  extrapolated to the chip's HBM, clamped into the bracket of known fits and misses, and the bracket is
-  halved instead whenever the previous extrapolation missed. Ends when the bracket closes or after
+  (through the one fit and the origin while there is one) extrapolated to the chip's HBM, clamped into the
+  bracket of known fits and misses, and the bracket is halved instead whenever the previous extrapolation
+  missed. Ends when the bracket closes or after
   `max_compiles` (then the largest fit found). `known`: {batch size: its Compiled, its per-chip total bytes
   (a report's figure), or None where it did not fit} from compiles already made; a largest fit known only by
   its bytes is compiled once more at the end, to be returned."""
@@ -164,11 +165,15 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
       break
     guess, extrapolated = None, False
     top = sorted(fits)[-2:]
-    if len(top) == 2 and hbm is not None and not missed:
-      slope = (fits[top[1]] - fits[top[0]]) / (top[1] - top[0])
+    if top and hbm is not None and not missed:
+      # One fit: the line through it and zero bytes at batch 0 is steeper than memory's own (the state's bytes
+      # do not grow with the batch), so it undershoots, and the second point lands near the HBM, where the
+      # two-point line then has little left to extrapolate.
+      k0, k1 = (top[0] if len(top) == 2 else 0), top[-1]
+      slope = (fits[k1] - fits.get(k0, 0)) / (k1 - k0)
       if slope > 0:
-        guess, extrapolated = top[1] + int((hbm - fits[top[1]]) // slope), True
-    if guess is None:  # double up, quarter down (from a miss with no fit known), else halve the bracket
+        guess, extrapolated = k1 + int((hbm - fits[k1]) // slope), True
+    if guess is None:  # double up (no HBM size), quarter down (from a miss with no fit known), else halve
       guess = 2 * lo if hi is None else (hi // 4 if not lo else (lo + hi) // 2)
     k = max(guess, lo + 1) if hi is None else min(max(guess, lo + 1), hi - 1)
   if isinstance(best, int):
