@@ -12,7 +12,8 @@ total memory per chip, and their ratio to `absolute`.
 
 Rows are kept in bench/results/aot_{models,variants}.json as they finish (a row already there is not
 compiled again; delete the file to start over; `models --reopen` searches further, from the figures kept,
-the rows whose largest batch is still a lower bound) and the tables written to bench/results/aot_*.md.
+the rows whose largest batch is still a lower bound) and the tables written to bench/results/aot_*.md. The
+JSON files are tracked: the README's tables are printed from them, and a later checkout resumes from them.
 Compiles of these sizes take minutes each on 2 CPU cores.
 """
 
