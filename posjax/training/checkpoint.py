@@ -105,18 +105,23 @@ std_logging.getLogger('asyncio').addFilter(
     lambda r: not (str(r.msg).startswith('Task exception was never retrieved') and _from_orbax(r)))
 
 
-def _drop_closed_loop_callbacks(previous):
+def _drop_failed_read_aftermath(previous):
   """After a failed read orbax closes its event loop while tensorstore still completes the read's other
-  futures; their callbacks raise 'Event loop is closed' where nothing can catch it, and Python prints each
-  as an unraisable traceback. The failure itself was already raised through the call."""
+  futures: their callbacks raise 'Event loop is closed' where nothing can catch it, and the read's sibling
+  coroutines, closed while they await, turn that GeneratorExit into an Exception of their own (orbax catches
+  BaseException around each read). Python prints each as an unraisable traceback, when it collects them; the
+  failure itself was already raised through the call."""
   def hook(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+    e, obj = unraisable.exc_value, unraisable.object
+    closed_loop = isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'
+    closed_read = (isinstance(e, Exception) and isinstance(e.__cause__, GeneratorExit)
+                   and '/orbax/' in getattr(getattr(obj, 'cr_code', None), 'co_filename', ''))
+    if not (closed_loop or closed_read):
       previous(unraisable)
   return hook
 
 
-sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+sys.unraisablehook = _drop_failed_read_aftermath(sys.unraisablehook)
 
 
 def human_bytes(n: float) -> str:
