@@ -355,6 +355,9 @@ def test_find_max_batch_resumes_from_figures_and_compiles_a_fit_known_only_by_th
   best, tried = compile_lib.find_max_batch(small_config(batch_size=256), devs, chip, max_compiles=2,
                                            known={256: 100 + 3 * 256})
   assert calls == tried == [1179, 1300] and best == 'compiled at 1300'
+  # A known fit that no longer fits when compiled (a figure from another version) is said so, in one line.
+  with pytest.raises(compile_lib.DoesNotFit, match='batch 2000, known to fit .* does not fit when compiled again'):
+    compile_lib.find_max_batch(small_config(batch_size=256), devs, chip, max_compiles=0, known={2000: 3000})
 
 
 @pytest.mark.parametrize('max_compiles, below, message', [

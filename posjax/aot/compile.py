@@ -178,6 +178,9 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
     k = max(guess, lo + 1) if hi is None else min(max(guess, lo + 1), hi - 1)
   if isinstance(best, int):
     best = _probe(config, devices, chip, lo * d)[1]
+    if best is None:  # the figure came from another version of the code or the compiler
+      raise DoesNotFit(f'batch {lo * d}, known to fit from an earlier compile, does not fit when compiled again',
+                       below=lo * d)
   if not lo:
     smallest = min(tried + misses or [d])
     if smallest <= d:
