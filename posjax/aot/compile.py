@@ -243,7 +243,7 @@ def report(c: Compiled, chip: Chip | None = None, topology_name: str = '') -> di
   slices = len({getattr(d, 'slice_index', 0) or 0 for d in mesh.devices.flat})
   found = hlo.collectives(text, slices)
   collectives = hlo.summarise(found)
-  warnings = [line.strip() for line in c.log if '[SPMD]' in line or hlo.INVOLUNTARY_REMAT in line]
+  warnings = hlo.warnings(c.log)
   out = {
       'model': {'type': config.get('model_type', 'classifier'),
                 'objective': config.get('objective', f'classification ({config.get("task")})'),

@@ -347,6 +347,15 @@ def costs(text: str) -> dict[str, float]:
 
 
 INVOLUNTARY_REMAT = 'Involuntary full rematerialization'
+COMPILER_REMAT = 'by rematerialization'
+
+
+def warnings(log: list[str]) -> list[str]:
+  """The lines of a compiler log that a user should see: the SPMD partitioner's (a sharding that forces a full
+  replica) and those of the pass that recomputes activations to fit the HBM ("Can't reduce memory use below
+  ... by rematerialization"): near the largest batch that fits, its recomputation can add most of a step's
+  FLOPs."""
+  return [line.strip() for line in log if '[SPMD]' in line or INVOLUNTARY_REMAT in line or COMPILER_REMAT in line]
 
 
 @contextlib.contextmanager
