@@ -6,7 +6,7 @@
 `models`: each model at L128 and L512 on v5e-8, v4-32 and v5p-64 with the recommended mesh (FSDP over every
 chip: parameters and AdamW state split, batch split over all chips), bfloat16, scanned layers, batch 256:
 memory per chip and whether it fits, then the largest global batch that fits (`compile.find_max_batch`,
-at most --max_compiles compiles; a bracket left open is marked >=) and the estimated MFU there.
+at most --max_compiles compiles; a bracket left open is marked >=), the estimated MFU and the compile time there.
 `variants`: BERT-base on v5e-4 (data parallel, 4 chips), L512 batch 32 and L2048 batch 8: temporaries and
 total memory per chip, and their ratio to `absolute`.
 
@@ -39,6 +39,9 @@ TOPOLOGIES = ('v5e-8', 'v4-32', 'v5p-64')
 # 3: the TPU compiler's windowed matmul loops count every iteration). Rows of an older count show "?" until
 # the script, run again over their topology, recompiles them at their largest batch.
 COSTS = 3
+# HLO matmul FLOPs over the model formula's above which the compiler rematerialised to fit (scanned layers
+# under FSDP match the formula to 2%; see README).
+REMAT = 1.05
 VARIANTS = ('absolute', 'tisa', 'relative_key_query', 'none+convfixed+convq+convk', 'absolute+convbert')
 
 
@@ -80,20 +83,20 @@ def models(args):
       for seq_len in args.lengths:
         key = f'{label} L{seq_len} {spec}'
         c = config(module, arg, seq_len, args.batch)
-        if key in rows and rows[key].get('costs') != COSTS:  # MFU from an older cost count: recompute it
+        if key in rows:
           row = rows[key]
-          if row['largest']:
+          if args.reopen and not row.get('largest_exact'):
+            search(row, c, devices, topo, known_from(row), args.max_compiles)
+          # MFU from an older cost count, or a figure missing at the largest batch: compile it there again.
+          if row['largest'] and (row.get('costs') != COSTS or not {'largest_compile_s', 'largest_matmuls'} <= set(row)):
             best = c.copy_and_resolve_references()
             best.batch_size = row['largest']
             r = compile_lib.report(compile_lib.compile_train_step(best, devices), topo.chip, topo.name)
-            row['largest_mfu'] = r['roofline']['mfu']
+            row.update(largest_mfu=r['roofline']['mfu'], largest_compile_s=r['compile_s'],
+                       largest_matmuls=r['hlo_matmul_over_model_flops'])
           row.pop('mfu', None)
           row['costs'] = COSTS
           _save(path, rows)
-        if key in rows and args.reopen and not rows[key].get('largest_exact'):
-          search(rows[key], c, devices, topo, known_from(rows[key]), args.max_compiles)
-          _save(path, rows)
-        if key in rows:
           continue
         row = {'model': label, 'L': seq_len, 'topology': spec, 'mesh': 'fsdp', 'batch': args.batch, 'costs': COSTS}
         t = time.perf_counter()
@@ -112,7 +115,7 @@ def models(args):
         rows[key] = row
         _save(path, rows)
   # The README's table, as it stands there.
-  table = ['| model | L | topology | mesh | batch 256 | largest batch that fits | est. MFU there | compile |',
+  table = ['| model | L | topology | mesh | batch 256 | largest batch that fits | est. MFU there | compile there |',
            '|---|---|---|---|---|---|---|---|']
   for row in rows.values():
     fits = f'fits, {row["memory_gib"]:.2f} GiB/chip' if row.get('fits') else 'does not fit'
@@ -124,7 +127,9 @@ def models(args):
         largest += f' ({row["largest_memory_gib"]:.1f} GiB/chip)'
     mfu = '-' if not row.get('largest_mfu') else (
         f'{100 * row["largest_mfu"]:.0f}%' if row.get('costs') == COSTS else '?')
-    compile_s = f'{row["compile_s"]:.0f} s' if row.get('fits') else '-'  # else: the time of a failed compile
+    if row.get('largest_matmuls', 1) > REMAT:
+      mfu += f', remat {row["largest_matmuls"]:.2f}x'
+    compile_s = f'{row["largest_compile_s"]:.0f} s' if row.get('largest_compile_s') else '-'
     chips = topology.parse(row['topology']).chips
     table.append(f'| {row["model"]} | {row["L"]} | {row["topology"]} | FSDP over {chips} chips | {fits} | '
                  f'{largest} | {mfu} | {compile_s} |')
@@ -148,7 +153,8 @@ def search(row, c, devices, topo, known, max_compiles):
   # Exact when the next multiple of the divisor was found not to fit.
   exact = largest + r['batch']['divisor'] in set(tried) | set(known)
   row.update(largest=largest, tried=tried, largest_exact=exact, largest_mfu=r['roofline']['mfu'],
-             largest_memory_gib=r['memory_per_chip']['total'] / GiB, below=None)
+             largest_memory_gib=r['memory_per_chip']['total'] / GiB, largest_compile_s=r['compile_s'],
+             largest_matmuls=r['hlo_matmul_over_model_flops'], below=None)
 
 
 def known_from(row) -> dict:
