@@ -128,10 +128,10 @@ def find_max_batch(config, devices, chip: Chip | None, max_compiles: int = 16, k
   the batch divisor: memory is nearly linear in k, so the next k is the line through the two largest that fit
   (through the one fit and the origin while there is one) extrapolated to the chip's HBM, clamped into the
   bracket of known fits and misses, and the bracket is halved instead whenever the previous extrapolation
-  missed. Ends when the bracket closes or after
-  `max_compiles` (then the largest fit found). `known`: {batch size: its Compiled, its per-chip total bytes
-  (a report's figure), or None where it did not fit} from compiles already made; a largest fit known only by
-  its bytes is compiled once more at the end, to be returned."""
+  missed. Ends when the bracket closes or after `max_compiles` (then the largest fit found). `known`: {batch
+  size: its Compiled, its per-chip total bytes (a report's figure), or None where it did not fit} from
+  compiles already made; a largest fit known only by its bytes is compiled once more at the end, to be
+  returned."""
   mesh = sharding.make_mesh(config.mesh, devices)
   d = batch_divisor(config, mesh)
   hbm = chip.hbm_bytes if chip is not None else None
