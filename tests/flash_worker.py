@@ -1,8 +1,8 @@
-"""Run in a process with 8 CPU devices by tests/test_flash.py: a TISA+T5(+relative_key_query) attention layer's output and gradients
+"""Run in a process with 8 CPU devices by tests/test_flash.py: a TISA+T5(+relative_key_query+convk) attention layer's output and gradients
 with the fused kernel under a data x fsdp x tensor = 2 x 2 x 2 mesh (batch over data and fsdp, heads over
 tensor) and with the XLA path on one device, written to an .npz; also the output for a single row, which the
-batch axes do not divide. Both kernels: the TPU's (Mosaic) with heads of 8 and a relative_key_query term
-too, the GPU's (Triton) with heads of 16, each in interpret mode."""
+batch axes do not divide. Both kernels: the TPU's (Mosaic) with heads of 8 and relative_key_query and convk
+terms too, the GPU's (Triton) with heads of 16, each in interpret mode."""
 
 import os
 import sys
@@ -27,7 +27,7 @@ from posjax.training import sharding  # noqa: E402
 
 def main(out):
   results = {}
-  for kernel, hidden, variant in (('mosaic', 32, 'tisa+t5+relative_key_query'), ('triton', 64, 'tisa+t5')):
+  for kernel, hidden, variant in (('mosaic', 32, 'tisa+t5+relative_key_query+convk'), ('triton', 64, 'tisa+t5')):
     flash.kernel_for = lambda platform, kernel=kernel: kernel
     results.update({f'{kernel}/{k}': v for k, v in compare(hidden, variant).items()})
   np.savez(out, **results)
@@ -39,7 +39,8 @@ def compare(hidden, variant):
                            max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0,
                            attention=variant, attention_options=(
                                ('t5_num_buckets', 8), ('tisa_kernels', 2),
-                               *((('max_relative_position', 12),) if 'relative' in variant else ())))
+                               *((('max_relative_position', 12), ('composite_kernel_size', 5))
+                                 if 'relative' in variant else ())))
   rng = np.random.default_rng(0)
   x = rng.standard_normal((8, 20, hidden)).astype(np.float32)
   mask = np.ones((8, 20), bool)

@@ -159,6 +159,15 @@ def test_terms_match_numpy_oracle(variant):
   assert np.abs(np_attention(p, x, mask, [], k=2)[mask] - y[mask]).max() > 1e-2
 
 
+def test_fused_kernel_matches_numpy_oracle():
+  """The three terms in the fused TPU kernel (Pallas interpret mode): convfixed's taps as an offset table,
+  convq's and convk's vectors on the query and key sides; same oracle, same tolerance."""
+  x, mask = batch()
+  y, p = mha(config('convfixed+convq+convk', kernel_size=5, attention_impl='pallas'), x, mask)
+  np.testing.assert_allclose(y[mask], np_attention(p, x, mask, ['convfixed', 'convq', 'convk'], k=2)[mask],
+                             atol=1e-5, rtol=0)
+
+
 def test_convq_alone_without_qk_matches_oracle():
   x, mask = batch()
   y, p = mha(config('convq', kernel_size=7, use_qk=False), x, mask)

@@ -19,7 +19,7 @@ import pytest
 from absl import logging
 
 import posjax
-from posjax.attention import flash, flash_gpu, offsets, registry, relative
+from posjax.attention import flash, flash_gpu, offsets, registry
 from posjax.errors import ConfigError
 from posjax.data import pipeline, pretrain
 from posjax.training import objectives, pretraining, steps
@@ -30,16 +30,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
 
 
-def xla_attention(q, k, v, table, mask, scale, distances=None):
-  """posjax's XLA path for the same inputs: the table spread over LxL (and a distance term from
-  posjax.attention.relative, the module's own computation), masked keys by `mask`."""
+def distance_term(q, k, dist):
+  """A `flash.Distances` term written out: [b, h, i, j] = scale (q_i . r + k_j . r, by its side) with r the
+  table's row for offset j - i gathered over the LxL grid (tiny shapes only)."""
+  l = q.shape[1]
+  d = np.arange(l)[None, :] - np.arange(l)[:, None]  # j - i
+  c = (dist.table_RxDh.shape[0] - 1) // 2
+  r_LxLxDh = dist.table_RxDh[np.clip(-d if dist.by_query_offset else d, -c, c) + c].astype(q.dtype)
+  term = 0.0
+  if dist.side != 'key':
+    term = term + jnp.einsum('bihd,ijd->bhij', q, r_LxLxDh)
+  if dist.side != 'query':
+    term = term + jnp.einsum('bjhd,ijd->bhij', k, r_LxLxDh)
+  return dist.scale * term
+
+
+def xla_attention(q, k, v, table, mask, scale, distances=()):
+  """XLA for the same inputs: posjax's spread of the table over LxL and the distance terms written out
+  (`distance_term`), added as a dense bias; masked keys by `mask`."""
   bias = None if table is None else offsets.spread(table, q.shape[1]).astype(q.dtype)
-  if distances is not None:
-    d = distances
-    term = relative.relative_scores(q, d.table_RxDh, d.max_distance, 64)
-    if d.with_key:
-      term = term + jnp.swapaxes(relative.relative_scores(k, d.table_RxDh[::-1], d.max_distance, 64), -1, -2)
-    term = (d.scale * term).astype(q.dtype)
+  for dist in distances:
+    term = distance_term(q, k, dist).astype(q.dtype)
     bias = term if bias is None else bias + term
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[:, None, None, :], scale=scale)
 
@@ -56,17 +67,16 @@ def inputs(b, l, h, dh, seed=0, dtype=jnp.float32):
   return q, k, v, table, jnp.asarray(mask)
 
 
-def both_ways(q, k, v, table, mask, w, interpret=True, distances=None, **blocks):
-  """(outputs, gradients w.r.t. q, k, v, table (and the distance table)) of the kernel and of the XLA path,
-  for loss sum(out * w). `distances`: (table_RxDh, M, with_key, scale) of a relative_key(_query) term."""
+def both_ways(q, k, v, table, mask, w, interpret=True, distances=(), **blocks):
+  """(outputs, gradients w.r.t. q, k, v, table (and each distance table)) of the kernel and of the XLA path,
+  for loss sum(out * w). `distances`: `flash.Distances` fields (table_RxDh, by_query_offset, side, scale)."""
   scale = q.shape[-1] ** -0.5
   args = (q, k, v) if table is None else (q, k, v, table)
-  if distances is not None:
-    args += (distances[0],)
+  args += tuple(d[0] for d in distances)
   argnums = tuple(range(len(args)))
 
   def dist(a):
-    return None if distances is None else flash.Distances(a[-1], *distances[1:])
+    return tuple(flash.Distances(r, *d[1:]) for r, d in zip(a[len(a) - len(distances):], distances))
 
   def kernel(*a):
     return flash.attention(*a[:3], a[3] if table is not None else None, mask, scale=scale,
@@ -127,10 +137,13 @@ def test_gpu_kernel_lowers_to_triton():
     assert text.count('custom_call @__gpu$xla.gpu.triton') == calls
 
 
-def test_tpu_kernel_compiles_for_a_tpu_chip():
+# relative_key_query's vectors serve both terms (one input); composite attention's convq and convk have one
+# each, with relative_key's added to the query side.
+@pytest.mark.parametrize('sides', [('both',), ('query', 'query', 'key')])
+def test_tpu_kernel_compiles_for_a_tpu_chip(sides):
   """The Mosaic kernels (forward, dq, dk/dv/tables) compiled by libtpu for one v5e chip from this CPU host,
-  with an offset table and relative_key_query's distance terms, in bfloat16 with a length that is not a
-  multiple of the block: three Mosaic custom calls, no LxL buffer
+  with an offset table and distance terms, in bfloat16 with a length that is not a multiple of the block:
+  three Mosaic custom calls, no LxL buffer
   (a 200 x 200 float32 score matrix per head would be 0.3 MiB; the compiler asks for none of it)."""
   from posjax.aot import topology  # pylint: disable=g-import-not-at-top
   devices = topology.devices(topology.parse('v5e:1x1'))
@@ -138,12 +151,13 @@ def test_tpu_kernel_compiles_for_a_tpu_chip():
   s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
   b, l, h, dh = 2, 200, 2, 64
   x, table, mask = s((b, l, h, dh), jnp.bfloat16), s((h, 2 * l - 1), jnp.float32), s((b, l), jnp.bool_)
-  r = s((2 * 128 - 1, dh), jnp.float32)
+  rs = [s((2 * 128 - 1 if n == 0 else 17, dh), jnp.float32) for n in range(len(sides))]
 
-  def loss(q, k, v, t, m, r):
-    dist = flash.Distances(r, 128, True, 0.125)  # relative_key_query's terms
+  def loss(q, k, v, t, m, *rs):
+    dist = [flash.Distances(r, side != 'query', side, 0.125) for r, side in zip(rs, sides)]
     return jnp.sum(flash.attention(q, k, v, t, m, scale=0.125, distances=dist).astype(jnp.float32))
-  compiled = jax.jit(jax.grad(loss, (0, 1, 2, 3, 5))).lower(x, x, x, table, mask, r).compile()
+  argnums = (0, 1, 2, 3, *range(5, 5 + len(rs)))
+  compiled = jax.jit(jax.grad(loss, argnums)).lower(x, x, x, table, mask, *rs).compile()
   assert compiled.as_text().count('tpu_custom_call') == 3
   assert compiled.memory_analysis().temp_size_in_bytes < b * h * l * l * 4
 
@@ -154,19 +168,27 @@ def test_gpu_kernel_refuses_head_dimensions_triton_cannot_tile():
     flash.attention(q, k, v, table, mask, scale=1.0, kernel='triton', interpret=True)
 
 
-# relative_key_query (q . r and k . r) with a TISA-like table: blocks of 256 queries x 128 keys (two query
-# sub-tiles per tile), distances clipped at M = 40 < L = 150; relative_key alone runs with -m slow.
-@pytest.mark.parametrize('with_key', [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_kernel_distance_terms_match_xla(with_key):
-  shape, m = (3, 150, 2, 8), 40
+# Distance terms with a TISA-like table: blocks of 256 queries x 128 keys (two query sub-tiles per tile).
+# relative_key_query: one table of 2M-1 = 79 rows on both sides (clipped at 39 < L = 150, indexed by i - j);
+# composite attention's convq and convk (5 taps, clipped at 2; convk indexed by i - j) with relative_key on
+# the query side too; each side alone runs with -m slow.
+@pytest.mark.parametrize('terms', [
+    [(79, True, 'both')], [(79, True, 'query'), (5, False, 'query'), (5, True, 'key')],
+    *[pytest.param(t, marks=pytest.mark.slow) for t in ([(79, True, 'query')], [(5, True, 'key')])]])
+def test_kernel_distance_terms_match_xla(terms):
+  shape = (3, 150, 2, 8)
   q, k, v, table, mask = inputs(*shape)
-  r = jnp.asarray(np.random.default_rng(5).normal(size=(2 * m - 1, shape[-1])), jnp.float32)
+  rng = np.random.default_rng(5)
+  dist = [(jnp.asarray(rng.normal(size=(rows, shape[-1])), jnp.float32), by_query, side, shape[-1] ** -0.5)
+          for rows, by_query, side in terms]
   w = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
-  (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, distances=(r, m, with_key, shape[-1] ** -0.5),
-                                 block_q=256, block_k=128)
+  (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, distances=dist, block_q=256, block_k=128)
   np.testing.assert_allclose(o1, o2, atol=TOL, rtol=0)
-  for name, a, b in zip(('q', 'k', 'v', 'table', 'distance table'), g1, g2):
-    np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=name)
+  names = ('q', 'k', 'v', 'table', *(f'distance table {n}' for n in range(len(terms))))
+  for name, a, b in zip(names, g1, g2, strict=True):
+    # A distance table's edge rows take the gradient of every clipped offset: ~10^4 logits' gradients summed
+    # in another order on each side, so float32 rounding alone is ~1e-5 of their size (~5): 1e-5 relative.
+    np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL if name.startswith('distance') else 0, err_msg=name)
 
 
 def test_blocks_pad_to_a_common_multiple():
@@ -226,12 +248,15 @@ OPTIONS = (('composite_kernel_size', 5), ('t5_max_distance', 12), ('t5_num_bucke
            ('max_relative_position', 12))
 
 
-# Two offset terms summed (the train-step test has the other two); every single term and more mixes run with
-# `-m slow`.
+# Two offset terms summed (the train-step test has the other two), a distance term on both sides, and
+# composite attention (an offset term and one distance term on each side); every single term and more mixes
+# run with `-m slow`.
 @pytest.mark.parametrize('variant', [
-    't5+convfixed', 'alibi+relative_key_query', *[pytest.param(v, marks=pytest.mark.slow) for v in (
+    't5+convfixed', 'alibi+relative_key_query', 'none+convfixed+convq+convk',
+    *[pytest.param(v, marks=pytest.mark.slow) for v in (
         'tisa', 't5', 'alibi', 'convfixed', 'tisa+alibi', 'tisa+t5+alibi+convfixed', 'rope+alibi', 'relative_key',
-        'absolute+convfixed+convvalues', 'none+convbert+tisa', 'absolute')]])
+        'convq', 'convk', 'relative_key+convq', 'tisa+relative_key_query+convk', 'absolute+convfixed+convvalues',
+        'none+convbert+tisa', 'absolute')]])
 def test_layer_with_kernel_matches_xla(variant):
   xla, kernel = check_layer(variant, OPTIONS)
   g_params, _ = assert_same(kernel, xla)
@@ -269,14 +294,15 @@ def test_train_step_with_kernel_matches_xla(kernel, monkeypatch):
 
 
 def test_no_length_by_length_tensor_with_the_kernel():
-  """The forward and backward pass of a TISA+ALiBi+relative_key_query model hold nothing of size H x L x L
-  outside the kernel
+  """The forward and backward pass of a TISA+ALiBi+relative_key_query+convq+convk model hold nothing of size
+  H x L x L outside the kernel
   (whose tiles are 128 x 128 < L x L here); with the XLA path they do."""
   l = 300
   ids = jnp.ones((1, l), jnp.int32)
 
   def largest(impl):
-    cfg = dataclasses.replace(tiny('tisa+alibi+relative_key_query'), max_position_embeddings=512, attention_impl=impl)
+    cfg = dataclasses.replace(tiny('tisa+alibi+relative_key_query+convq+convk'), max_position_embeddings=512,
+                              attention_impl=impl)
     model = posjax.Bert(cfg)
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids)['params']))
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, ids)['hidden_BxLxD'])))(params)
@@ -295,15 +321,27 @@ def test_no_length_by_length_tensor_with_the_kernel():
   assert largest('pallas') < l * l
 
 
-def test_auto_picks_the_kernel_on_tpu_and_gpu_only_when_the_call_allows(monkeypatch, caplog):
+@pytest.fixture
+def content_term(monkeypatch):
+  """'qk2', a score term of the queries and keys themselves ((q.k)^2 / Dh, no offsets, no distance vectors),
+  registered for one test: every registered score term has a fused form."""
+  class Squared(nn.Module):
+    config: posjax.ModelConfig
+
+    def __call__(self, q, k, mask, deterministic=True):
+      return jnp.einsum('bqhd,bkhd->bhqk', q, k) ** 2 / q.shape[-1]
+  monkeypatch.setitem(registry._REGISTRY, 'qk2', registry.Component('qk2', 'score', Squared))  # pylint: disable=protected-access
+  return 'qk2'
+
+
+def test_auto_picks_the_kernel_on_tpu_and_gpu_only_when_the_call_allows(monkeypatch, caplog, content_term):
   monkeypatch.setattr(flash, 'target_platform', lambda: 'tpu')
   monkeypatch.setattr(flash, '_LOGGED', set())
   logging.get_absl_logger().setLevel(std_logging.INFO)
   for variant in ('tisa', 't5+convfixed', 'alibi+rope', 'absolute', 'none+convbert', 'relative_key',
-                  'tisa+relative_key_query'):
+                  'tisa+relative_key_query', 'none+convfixed+convq+convk', 'relative_key+relative_key_query'):
     assert flash.choose(tiny(variant), dropout=False, record=False), variant
-  assert not flash.choose(tiny('tisa+convq'), dropout=False, record=False)
-  assert not flash.choose(tiny('relative_key+relative_key_query'), dropout=False, record=False)
+  assert not flash.choose(tiny('tisa+' + content_term), dropout=False, record=False)
   assert not flash.choose(tiny('tisa', attention_options=(('use_qk', False),)), dropout=False, record=False)
   assert not flash.choose(tiny('tisa'), dropout=False, record=True)  # analysis records the probabilities
   assert flash.choose(tiny('tisa', attention_dropout=0.1), dropout=False, record=False)  # evaluation
@@ -320,8 +358,9 @@ def test_auto_picks_the_kernel_on_tpu_and_gpu_only_when_the_call_allows(monkeypa
   monkeypatch.setattr(flash, 'target_platform', lambda: 'gpu')
   assert flash.choose(tiny('tisa'), dropout=False, record=False)  # head dimension 16
   assert not flash.choose(tiny('tisa+relative_key'), dropout=False, record=False)  # TPU kernel only
-  with pytest.raises(ConfigError, match="the GPU kernel has no relative_key"):
-    flash.choose(tiny('relative_key', attention_impl='pallas'), dropout=False, record=False)
+  assert not flash.choose(tiny('convfixed+convq'), dropout=False, record=False)
+  with pytest.raises(ConfigError, match=r"the GPU kernel has no terms over distance vectors \(convk\; the TPU"):
+    flash.choose(tiny('convk', attention_impl='pallas'), dropout=False, record=False)
   narrow = dict(hidden_size=16)  # 2 heads of 8: too narrow for Triton's dot
   caplog.clear()
   with caplog.at_level(std_logging.INFO):
@@ -343,14 +382,18 @@ def test_target_platform_is_the_meshs():
 
 @pytest.mark.parametrize('fields, message', [
     (dict(attention_impl='fast'), "model.attention_impl 'fast' is not one of auto, xla, pallas"),
-    (dict(attention='tisa+convq', attention_impl='pallas'),
-     r"attention_impl='pallas' cannot compute attention 'tisa\+convq' with the content-dependent "
-     r"score term\(s\) convq"),
     (dict(attention='alibi', attention_dropout=0.1, attention_impl='pallas'), 'attention dropout'),
 ])
 def test_bad_attention_impl_is_a_config_error(fields, message):
   with pytest.raises(ConfigError, match=message):
     posjax.ModelConfig(**fields)
+
+
+def test_pallas_with_a_term_the_kernel_cannot_take_is_a_config_error(content_term):
+  with pytest.raises(ConfigError, match=r"attention_impl='pallas' cannot compute attention 'tisa\+qk2' with the "
+                                        r"content-dependent score term\(s\) qk2 .*terms over distance vectors: "
+                                        r"convk, convq, relative_key, relative_key_query\)"):
+    posjax.ModelConfig(attention='tisa+' + content_term, attention_impl='pallas')
 
 
 def test_pallas_on_cpu_runs_the_kernel_and_auto_does_not():
@@ -376,7 +419,7 @@ def test_sharded_kernel_matches_one_device(tmp_path):
   for kernel in ('mosaic', 'triton'):
     names = sorted(k.split('/', 2)[2] for k in r.files if k.startswith(f'{kernel}/xla/'))
     assert {'y', 'y_one_row'} <= set(names) and any('tisa' in n for n in names) and any('t5' in n for n in names)
-    assert any('relative_key_query' in n for n in names) == (kernel == 'mosaic')
+    assert any('relative_key_query' in n for n in names) == any('convk' in n for n in names) == (kernel == 'mosaic')
     for n in names:
       np.testing.assert_allclose(r[f'{kernel}/pallas/{n}'], r[f'{kernel}/xla/{n}'], atol=TOL, rtol=0,
                                  err_msg=f'{kernel} {n}')
@@ -405,13 +448,21 @@ def test_kernel_larger_shapes(shape, blocks, kernel):
 def test_bfloat16_within_the_stated_bound(kernel):
   """bf16 q, k, v: both paths round probabilities to bf16 before the product with v (the XLA path after
   normalising, the kernel before), so each is held to the float32 result, not to each other: outputs
-  within 2e-2 and gradients within 3% of the largest float32 gradient."""
+  within 2e-2 and gradients within 3% of the largest float32 gradient. The TPU kernel's case has distance
+  terms on both sides too (their vectors, scale included, rounded to bf16 in the kernel, the XLA path's
+  products divided after)."""
   shape = (2, 300, 2, 64)
   q, k, v, table, mask = inputs(*shape, seed=5)
+  rng = np.random.default_rng(7)
+  dist = [] if kernel == 'triton' else [
+      (jnp.asarray(0.3 * rng.normal(size=(rows, 64)), jnp.float32), by_query, side, 64 ** -0.5)
+      for rows, by_query, side in ((79, True, 'both'), (17, False, 'query'), (17, True, 'key'))]
   w = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
-  (_, _), (o32, g32) = both_ways(q, k, v, table, mask, w, block_q=128, block_k=128, kernel=kernel)
+  (_, _), (o32, g32) = both_ways(q, k, v, table, mask, w, block_q=128, block_k=128, kernel=kernel,
+                                 distances=dist)
   bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  (o_k, g_k), (o_x, g_x) = both_ways(*bf, table, mask, w, block_q=128, block_k=128, kernel=kernel)
+  (o_k, g_k), (o_x, g_x) = both_ways(*bf, table, mask, w, block_q=128, block_k=128, kernel=kernel,
+                                     distances=dist)
   for o in (o_k, o_x):
     assert o.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(o, np.float32), o32, atol=2e-2, rtol=0)

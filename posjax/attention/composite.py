@@ -83,9 +83,10 @@ class ConvFixed(nn.Module):
 
 class ConvDynamic(nn.Module):
   """Returns term_BxHxLxL: q_{h,i} . r_{clip(j - i) + k} / sqrt(Dh) (queries), k_{h,j} . r_{clip(i - j) + k} /
-  sqrt(Dh) (keys)."""
+  sqrt(Dh) (keys); with `fused`, the `flash.Distances` from which the fused kernel computes it tile by tile."""
   config: ModelConfig
   from_keys: bool = False
+  fused: bool = False
 
   @nn.compact
   def __call__(self, q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic=True):
@@ -95,6 +96,9 @@ class ConvDynamic(nn.Module):
     l, dh = q_BxLxHxDh.shape[1], q_BxLxHxDh.shape[3]
     r_RxDh = self.param('kernel', layers.torch_uniform(2 * k + 1, ('kernel', 'kv')), (2 * k + 1, dh),
                         cfg.param_dtype)
+    if self.fused:
+      from posjax.attention import flash  # pylint: disable=g-import-not-at-top  (flash imports the registry)
+      return flash.Distances(r_RxDh, self.from_keys, 'key' if self.from_keys else 'query', 1.0 / dh ** 0.5)
     x_BxLxHxDh = k_BxLxHxDh if self.from_keys else q_BxLxHxDh
     # Every position meets only the 2k+1 distinct taps; the LxL term is this small product spread over the
     # distances of each row (n's) and skewed (relative.skew), never a gather, whose scatter-add gradient
@@ -110,15 +114,15 @@ class ConvDynamic(nn.Module):
 _PAPER = 'Chang et al. 2021 (composite attention)'
 _OPTIONS = (registry.integer('composite_kernel_size', 17, odd=True),)  # 2k+1 taps for offsets -k..k; 17 in the paper
 _DYNAMIC = dict(params='(2k+1)*Dh (2k+1 = composite_kernel_size)', cost='O(B H L (2k+1) Dh) + O(B H L^2)',
-                options=_OPTIONS)
+                options=_OPTIONS, distances=True)
 
 registry.register(registry.Component(
     'convfixed', 'score', ConvFixed, paper=_PAPER + ', fixed lightweight convolution',
     params='(2k+1)*H (2k+1 = composite_kernel_size)', cost='O(H L^2)', options=_OPTIONS,
     offsets=convfixed_offsets))
 registry.register(registry.Component(
-    'convq', 'score', lambda cfg, name=None: ConvDynamic(cfg, from_keys=False, name=name),
+    'convq', 'score', lambda cfg, name=None, **kw: ConvDynamic(cfg, from_keys=False, name=name, **kw),
     paper=_PAPER + ', query-based dynamic lightweight convolution', **_DYNAMIC))
 registry.register(registry.Component(
-    'convk', 'score', lambda cfg, name=None: ConvDynamic(cfg, from_keys=True, name=name),
+    'convk', 'score', lambda cfg, name=None, **kw: ConvDynamic(cfg, from_keys=True, name=name, **kw),
     paper=_PAPER + ', key-based dynamic lightweight convolution', **_DYNAMIC))

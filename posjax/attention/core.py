@@ -102,10 +102,10 @@ class MultiHeadAttention(nn.Module):
     record = self.is_mutable_collection('intermediates')
     fused = flash.choose(cfg, dropout=need_dropout, record=record)
 
-    table_HxR, bias, distances = None, None, None
+    table_HxR, bias, distances = None, None, []
     for c in plan.score:
-      if fused and c.distances:  # the kernel forms x . r_{i-j} itself, from the table over distances
-        distances = c.build(cfg, name=c.name, fused=True)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic)
+      if fused and c.distances:  # the kernel forms x . r itself, from the term's vectors over distances
+        distances.append(c.build(cfg, name=c.name, fused=True)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic))
         continue
       term = c.build(cfg, name=c.name)(q_BxLxHxDh, k_BxLxHxDh, mask_BxL, deterministic)
       if c.offsets is not None:

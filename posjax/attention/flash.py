@@ -19,12 +19,14 @@ gradient is the reverse, a gather by (x + r) mod 128 then a sum over rows. Both 
 128-lane register, which is what Mosaic lowers (`jnp.take_along_axis` -> `tpu.dynamic_gather`); a strided
 `pltpu.roll` only rotates by non-negative row strides, enough for the forward but not the gradient.
 
-Distance terms (`relative_key`: q_i . r_{i-j}; `relative_key_query`: + k_j . r_{i-j}; `Distances`) use the
-same layout with a vector per offset: r by offset d in rows of 128 x Dh. A sub-tile's q times the two rows
-it meets (two 128 x Dh x 128 products) gives q_r . r[128 D + x] in lane x, and the lane gather above picks
-each query row's offsets; the key term is the same on the transposed sub-tile. Backward, the inverse gather
-gives the gradient of those products, whence dq (dq kernel), dk and the rows' gradient (dk/dv kernel, in a
-per (b, h) buffer of 2Lp x Dh).
+Terms over distance vectors (`Distances`: Shaw's `relative_key` q_i . r_{i-j}, Huang's `relative_key_query`
+adding k_j . r_{i-j}, Chang et al.'s `convq` q_i . r_{c(j-i)} and `convk` k_j . r_{c(i-j)}, any number of them)
+use the same layout with a vector per offset: the terms' vectors, scaled and summed per side, by offset d in
+rows of 128 x Dh, one such input for the query side and one for the key side (one for both when every term
+is on both, as relative_key_query). A sub-tile's q times the two rows it meets (two 128 x Dh x 128 products)
+gives q_r . r[128 D + x] in lane x, and the lane gather above picks each query row's offsets; the key term is
+the same on the transposed sub-tile. Backward, the inverse gather gives the gradient of those products,
+whence dq (dq kernel), dk and the rows' gradients (dk/dv kernel, in a per (b, h) buffer of 2Lp x Dh per side).
 
 Masking follows jax.nn.dot_product_attention: a masked key's logit is -0.7 * float32 max (a row with every
 key masked attends uniformly, as in the XLA path) and its gradient is zero; the keys added to pad L up to
@@ -140,13 +142,12 @@ def _dot(x, y):
   return jax.lax.dot(x, y, preferred_element_type=jnp.float32)
 
 
-def _distance_bias(q, k, rel_ref, d, b: Blocks, rel):
-  """bias_QxK of q_i . r_{i-j} (and, with the key, k_j . r_{i-j}) times the term's scale, at the tile whose
-  first key is 128 d positions after its first query. rel_ref holds r by key-minus-query offset in rows of
-  128 (as the table), so a 128 x 128 sub-tile meets two rows: q . r over both is two small products, and
-  each query row picks its offsets by the lane gather of `_bias`; the key term is the same gather on the
-  transposed sub-tile (row: key, column: query)."""
-  with_key, rscale = rel
+def _distance_bias(q, k, relq_ref, relk_ref, d, b: Blocks):
+  """bias_QxK of q_i . rq[j - i] + k_j . rk[j - i] at the tile whose first key is 128 d positions after its
+  first query; relq_ref and relk_ref (either may be None, or both the same ref) hold the vectors by
+  key-minus-query offset in rows of 128 (as the table), scale included. A 128 x 128 sub-tile meets two
+  rows: q . r over both is two small products, and each query row picks its offsets by the lane gather of
+  `_bias`; the key term is the same gather on the transposed sub-tile (row: key, column: query)."""
   r, c = _iota(0), _iota(1)
   upper, idx, idx_t = c >= r, (c - r) & (LANES - 1), (r - c) & (LANES - 1)
   rows = []
@@ -155,59 +156,71 @@ def _distance_bias(q, k, rel_ref, d, b: Blocks, rel):
     cols = []
     for kb in range(b.k // LANES):
       n = b.n0 + d + kb - a
-      cur, prev = rel_ref[n], rel_ref[n - 1]
-      t = jnp.where(upper, _take(_dot_nt(qa, cur), idx), _take(_dot_nt(qa, prev), idx))
-      if with_key:
+      t = 0.0
+      if relq_ref is not None:
+        cur, prev = relq_ref[n], relq_ref[n - 1]
+        t = jnp.where(upper, _take(_dot_nt(qa, cur), idx), _take(_dot_nt(qa, prev), idx))
+      if relk_ref is not None:
+        cur, prev = relk_ref[n], relk_ref[n - 1]
         kc = k[kb * LANES:(kb + 1) * LANES]
         t = t + jnp.where(r >= c, _take(_dot_nt(kc, cur), idx_t), _take(_dot_nt(kc, prev), idx_t)).T
       cols.append(t)
     rows.append(jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0])
-  return rscale * (jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0])
+  return jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 
 
-def _distance_grads(ds_QxK, rel_ref, d, b: Blocks, rel, q=None, k=None, drel_ref=None):
-  """The transpose of `_distance_bias` for the logits' gradient ds. Without q: returns dq_QxDh (the dq
-  kernel). With q, k and drel_ref: adds the distance rows' gradient to drel_ref and returns dk_KxDh of the
-  key term, or None (the dk/dv kernel). A sub-tile's gradient for q . r[offset] is the inverse lane gather
-  (x + r) of `_add_diagonal_sums`, split by which of the two rows the offset lies in; the key term's is
-  the same on ds transposed."""
-  with_key, rscale = rel
+def _split(g, lower):
+  """(the part of a gathered gradient for row n of the offsets, the part for row n - 1)."""
+  pos = jnp.where(lower, g, 0.0)
+  return pos, g - pos
+
+
+def _distance_dq(ds_QxK, relq_ref, d, b: Blocks):
+  """dq_QxDh of the query term of `_distance_bias` for the logits' gradient ds: per sub-tile the inverse lane
+  gather (x + r) of `_add_diagonal_sums`, split by which of the two rows the offset lies in, times them."""
   r, x = _iota(0), _iota(1)
   idx, low = (x + r) & (LANES - 1), x + r < LANES
-  idx_t, low_t = (r - x) & (LANES - 1), x <= r
-
-  def split(g, lower):  # (gradient for the row n of the offsets, for row n - 1)
-    pos = jnp.where(lower, g, 0.0)
-    return pos, g - pos
-
-  dq_rows, dk_cols = [], [None] * (b.k // LANES)
+  dq_rows = []
   for a in range(b.q // LANES):
     dq_a = None
     for kb in range(b.k // LANES):
       n = b.n0 + d + kb - a
-      cur, prev = rel_ref[n], rel_ref[n - 1]
+      cur, prev = relq_ref[n], relq_ref[n - 1]
+      pos, neg = _split(_take(ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES], idx), low)
+      term = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
+      dq_a = term if dq_a is None else dq_a + term
+    dq_rows.append(dq_a)
+  return jnp.concatenate(dq_rows, axis=0) if len(dq_rows) > 1 else dq_rows[0]
+
+
+def _distance_dk_and_rows(ds_QxK, q, k, relk_ref, drelq_ref, drelk_ref, d, b: Blocks):
+  """The rest of `_distance_bias`' transpose, for the dk/dv kernel: adds the query term's rows' gradient to
+  drelq_ref and the key term's to drelk_ref (either None where the term is absent; the same ref where the
+  two terms share their vectors) and returns dk_KxDh of the key term, or None. The key term's gradient is
+  the query term's on ds transposed."""
+  r, x = _iota(0), _iota(1)
+  idx, low = (x + r) & (LANES - 1), x + r < LANES
+  idx_t, low_t = (r - x) & (LANES - 1), x <= r
+  dk_cols = [None] * (b.k // LANES)
+  for a in range(b.q // LANES):
+    for kb in range(b.k // LANES):
+      n = b.n0 + d + kb - a
       ds = ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES]
-      if drel_ref is None:
-        pos, neg = split(_take(ds, idx), low)
-        term = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
-        dq_a = term if dq_a is None else dq_a + term
-        continue
-      pairs = [(split(_take(ds, idx), low), q[a * LANES:(a + 1) * LANES])]
-      if with_key:
-        kc = k[kb * LANES:(kb + 1) * LANES]
-        pos, neg = split(_take(ds.T, idx_t), low_t)
+      pairs = []
+      if drelq_ref is not None:
+        pairs.append((drelq_ref, _split(_take(ds, idx), low), q[a * LANES:(a + 1) * LANES]))
+      if drelk_ref is not None:
+        cur, prev = relk_ref[n], relk_ref[n - 1]
+        pos, neg = _split(_take(ds.T, idx_t), low_t)
         term = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
         dk_cols[kb] = term if dk_cols[kb] is None else dk_cols[kb] + term
-        pairs.append(((pos, neg), kc))
-      for (pos, neg), xs in pairs:
-        drel_ref[n] += rscale * _dot(pos.T.astype(xs.dtype), xs)
-        drel_ref[n - 1] += rscale * _dot(neg.T.astype(xs.dtype), xs)
-    dq_rows.append(dq_a)
-  if drel_ref is None:
-    return rscale * (jnp.concatenate(dq_rows, axis=0) if len(dq_rows) > 1 else dq_rows[0])
-  if not with_key:
+        pairs.append((drelk_ref, (pos, neg), k[kb * LANES:(kb + 1) * LANES]))
+      for ref, (pos, neg), xs in pairs:
+        ref[n] += _dot(pos.T.astype(xs.dtype), xs)
+        ref[n - 1] += _dot(neg.T.astype(xs.dtype), xs)
+  if drelk_ref is None:
     return None
-  return rscale * (jnp.concatenate(dk_cols, axis=0) if len(dk_cols) > 1 else dk_cols[0])
+  return jnp.concatenate(dk_cols, axis=0) if len(dk_cols) > 1 else dk_cols[0]
 
 
 def _lanes(x_Nx128, width):
@@ -222,12 +235,12 @@ def _column(row_1xN):
   return jnp.broadcast_to(row_1xN, (LANES, row_1xN.shape[1])).T
 
 
-def _logits(q, k, kbias_1xK, tab_ref, rel_ref, d, scale, b: Blocks, rel):
+def _logits(q, k, kbias_1xK, tab_ref, rels, d, scale, b: Blocks):
   s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
   if tab_ref is not None:
     s = s + _bias(tab_ref, d, b)
-  if rel_ref is not None:
-    s = s + _distance_bias(q, k, rel_ref, d, b, rel)
+  if rels[0] is not None or rels[1] is not None:
+    s = s + _distance_bias(q, k, *rels, d, b)
   return jnp.where(kbias_1xK == 0.0, s, kbias_1xK)
 
 
@@ -236,12 +249,34 @@ def _tile_offset(i, j, b: Blocks):
   return j * (b.k // LANES) - i * (b.q // LANES)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sides:
+  """The distance terms of a call: vectors for a query term (q_i . rq[j - i]), for a key term
+  (k_j . rk[j - i]), and whether the two are the same vectors (one input, one gradient buffer)."""
+  query: bool
+  key: bool
+  shared: bool = False
+
+  @property
+  def arrays(self) -> int:
+    return int(self.query) + int(self.key and not self.shared)
+
+
+def _pop_rels(refs, rel: Sides | None):
+  """(query term's ref, key term's ref), either None, popped from the front of refs."""
+  if rel is None:
+    return None, None
+  rq = refs.pop(0) if rel.query else None
+  rk = (rq if rel.shared else refs.pop(0)) if rel.key else None
+  return rq, rk
+
+
 # --- kernels --------------------------------------------------------------------------------------------
 
 def _forward_kernel(*refs, scale, b: Blocks, has_table, rel):
   q_ref, k_ref, v_ref, kb_ref, *refs = refs
   tab_ref = refs.pop(0) if has_table else None
-  rel_ref = refs.pop(0) if rel else None
+  rels = _pop_rels(refs, rel)
   o_ref, m_out, l_out, m_ref, l_ref, acc_ref = refs
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -251,7 +286,7 @@ def _forward_kernel(*refs, scale, b: Blocks, has_table, rel):
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  s = _logits(q_ref[...], k_ref[...], kb_ref[...], tab_ref, rel_ref, _tile_offset(i, j, b), scale, b, rel)
+  s = _logits(q_ref[...], k_ref[...], kb_ref[...], tab_ref, rels, _tile_offset(i, j, b), scale, b)
   m_prev = m_ref[...]
   m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
   p = jnp.exp(s - _lanes(m_next, b.k))
@@ -273,10 +308,10 @@ def _forward_kernel(*refs, scale, b: Blocks, has_table, rel):
     l_out[...] = l.T[:1, :]
 
 
-def _probs_and_grad(q, k, v, do, kbias, m_ref, l_ref, di_ref, tab_ref, rel_ref, d, scale, b: Blocks, rel):
+def _probs_and_grad(q, k, v, do, kbias, m_ref, l_ref, di_ref, tab_ref, rels, d, scale, b: Blocks):
   """Recomputes p_QxK from the forward pass's row maxima and sums and returns it with ds_QxK, the gradient
   of the logits (zero at masked keys)."""
-  s = _logits(q, k, kbias, tab_ref, rel_ref, d, scale, b, rel)
+  s = _logits(q, k, kbias, tab_ref, rels, d, scale, b)
   p = jnp.exp(s - _lanes(_column(m_ref[...]), b.k)) * _lanes(1.0 / _column(l_ref[...]), b.k)
   dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
   ds = jnp.where(kbias == 0.0, p * (dp - _lanes(_column(di_ref[...]), b.k)), 0.0)
@@ -286,7 +321,7 @@ def _probs_and_grad(q, k, v, do, kbias, m_ref, l_ref, di_ref, tab_ref, rel_ref, 
 def _dq_kernel(*refs, scale, b: Blocks, has_table, rel):
   q_ref, k_ref, v_ref, kb_ref, *refs = refs
   tab_ref = refs.pop(0) if has_table else None
-  rel_ref = refs.pop(0) if rel else None
+  rels = _pop_rels(refs, rel)
   m_ref, l_ref, di_ref, do_ref, dq_ref, acc_ref = refs
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -297,10 +332,10 @@ def _dq_kernel(*refs, scale, b: Blocks, has_table, rel):
   k = k_ref[...]
   d = _tile_offset(i, j, b)
   _, ds = _probs_and_grad(q_ref[...], k, v_ref[...], do_ref[...], kb_ref[...], m_ref, l_ref, di_ref, tab_ref,
-                          rel_ref, d, scale, b, rel)
+                          rels, d, scale, b)
   acc_ref[...] += jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-  if rel:  # acc is scaled by `scale` at the end; this part has its own scale already
-    acc_ref[...] += _distance_grads(ds, rel_ref, d, b, rel) / scale
+  if rels[0] is not None:  # acc is scaled by `scale` at the end; the vectors carry their own scale
+    acc_ref[...] += _distance_dq(ds, rels[0], d, b) / scale
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _():
@@ -310,10 +345,10 @@ def _dq_kernel(*refs, scale, b: Blocks, has_table, rel):
 def _dkv_kernel(*refs, scale, b: Blocks, has_table, rel):
   q_ref, k_ref, v_ref, kb_ref, *refs = refs
   tab_ref = refs.pop(0) if has_table else None
-  rel_ref = refs.pop(0) if rel else None
+  rels = _pop_rels(refs, rel)
   m_ref, l_ref, di_ref, do_ref, dk_ref, dv_ref, *refs = refs
   dtab_ref = refs.pop(0) if has_table else None
-  drel_ref = refs.pop(0) if rel else None
+  drels = _pop_rels(refs, rel)
   dk_acc, dv_acc = refs
   j, i = pl.program_id(2), pl.program_id(3)  # key block outer, query block inner
 
@@ -322,23 +357,21 @@ def _dkv_kernel(*refs, scale, b: Blocks, has_table, rel):
     dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-  for ref in (dtab_ref, drel_ref):
-    if ref is not None:
-      @pl.when((i == 0) & (j == 0))
-      def _(ref=ref):
-        ref[...] = jnp.zeros(ref.shape, jnp.float32)
+  for ref in {id(r): r for r in (dtab_ref, *drels) if r is not None}.values():
+    @pl.when((i == 0) & (j == 0))
+    def _(ref=ref):
+      ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
   q, k, do = q_ref[...], k_ref[...], do_ref[...]
   d = _tile_offset(i, j, b)
-  p, ds = _probs_and_grad(q, k, v_ref[...], do, kb_ref[...], m_ref, l_ref, di_ref, tab_ref, rel_ref, d,
-                          scale, b, rel)
+  p, ds = _probs_and_grad(q, k, v_ref[...], do, kb_ref[...], m_ref, l_ref, di_ref, tab_ref, rels, d, scale, b)
   dv_acc[...] += jax.lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
   dk_acc[...] += jax.lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
   if has_table:
     _add_diagonal_sums(dtab_ref, ds, d, b)
-  if rel:
-    dk = _distance_grads(ds, rel_ref, d, b, rel, q, k, drel_ref)
-    if dk is not None:  # dk_acc is scaled by `scale` at the end; this part has its own scale already
+  if rel is not None:
+    dk = _distance_dk_and_rows(ds, q, k, rels[1], *drels, d, b)
+    if dk is not None:  # dk_acc is scaled by `scale` at the end; the vectors carry their own scale
       dk_acc[...] += dk / scale
 
   @pl.when(i == pl.num_programs(3) - 1)
@@ -355,13 +388,13 @@ class _Static:
   blocks: Blocks
   interpret: bool
   kernel: str = 'mosaic'  # or 'triton' (flash_gpu)
-  rel: tuple[bool, float] | None = None  # a distance term: (with the key term, its scale)
+  rel: Sides | None = None  # the distance terms
 
   def gpu(self) -> flash_gpu.Static:
     return flash_gpu.Static(self.scale, self.blocks.length, flash_gpu.BLOCK, self.interpret)
 
 
-def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool, rel=None):
+def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool, rel: Sides | None = None):
   """BlockSpecs of q, k, v, key bias (and table, and distance rows) for a grid (B, H, outer, inner)."""
   def qk(f):  # index maps take (b, h, query block, key block) whatever the grid order
     return (lambda b_, h, o, n: f(b_, h, n, o)) if key_outer else (lambda b_, h, o, n: f(b_, h, o, n))
@@ -371,7 +404,7 @@ def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool, rel
            pl.BlockSpec((_SQ, 1, b.k), qk(lambda b_, h, i, j: (b_, 0, j)))]
   if has_table:
     specs.append(pl.BlockSpec((_SQ, nrows, LANES), lambda b_, h, o, n: (h, 0, 0)))
-  if rel:
+  for _ in range(rel.arrays if rel else 0):
     specs.append(pl.BlockSpec((b.rows, LANES, dh), lambda b_, h, o, n: (0, 0, 0)))
   row = pl.BlockSpec((_SQ, _SQ, 1, b.q), qk(lambda b_, h, i, j: (b_, h, 0, i)))
   q_rows = pl.BlockSpec((_SQ, _SQ, b.q, dh), qk(lambda b_, h, i, j: (b_, h, i, 0)))
@@ -379,14 +412,14 @@ def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool, rel
 
 
 def _distance_matmuls(st, kernel: str) -> int:
-  """A distance term's products per tile, in units of one tile's q.k product: two for the bias from q (two
+  """The distance terms' products per tile, in units of one tile's q.k product: two for the bias from q (two
   more from k), recomputed in each backward kernel; the dq kernel adds dq's two, the dk/dv kernel the
-  table's gradient from q (two) and, with the key, dk's and the gradient from k (four)."""
+  rows' gradient from q (two) and, with the key term, dk's and the rows' gradient from k (four)."""
   if not st.rel:
     return 0
-  with_key = int(st.rel[0])
-  bias = 2 * (1 + with_key)
-  return {'forward': bias, 'dq': bias + 2, 'dkv': bias + 2 + 4 * with_key}[kernel]
+  query, key = int(st.rel.query), int(st.rel.key)
+  bias = 2 * (query + key)
+  return {'forward': bias, 'dq': bias + 2 * query, 'dkv': bias + 2 * query + 4 * key}[kernel]
 
 
 def _cost(b: Blocks, shape, matmuls, itemsize, passes):
@@ -413,13 +446,13 @@ def _forward(q, k, v, kbias, tab, rel, st: _Static):
       compiler_params=_params(('parallel', 'parallel', 'parallel', 'arbitrary')),
       cost_estimate=_cost(b, q.shape, 2 + _distance_matmuls(st, 'forward'), q.dtype.itemsize, 2),
       interpret=st.interpret,
-  )(q, k, v, kbias, *([tab] if has_table else []), *([rel] if st.rel else []))
+  )(q, k, v, kbias, *([tab] if has_table else []), *rel)
 
 
 def _backward(q, k, v, kbias, tab, rel, m, l, di, do, st: _Static):
   b, (bsz, h, lp, dh) = st.blocks, q.shape
   has_table = tab is not None
-  args = (q, k, v, kbias, *([tab] if has_table else []), *([rel] if st.rel else []), m, l, di, do)
+  args = (q, k, v, kbias, *([tab] if has_table else []), *rel, m, l, di, do)
   nrows = None if tab is None else tab.shape[1]
 
   specs, row, q_rows = _specs(b, dh, nrows, has_table, False, st.rel)
@@ -439,21 +472,21 @@ def _backward(q, k, v, kbias, tab, rel, m, l, di, do, st: _Static):
   if has_table:  # one BxH buffer, resident while a (b, h) pair runs through all its tiles
     out_specs.append(pl.BlockSpec((_SQ, _SQ, nrows, LANES), lambda b_, h_, o, n: (b_, h_, 0, 0)))
     out_shape.append(jax.ShapeDtypeStruct((bsz, h, nrows, LANES), jnp.float32))
-  if st.rel:  # the distance rows' gradient, likewise per (b, h)
+  for _ in rel:  # the distance rows' gradients, likewise per (b, h)
     out_specs.append(pl.BlockSpec((_SQ, _SQ, b.rows, LANES, dh), lambda b_, h_, o, n: (b_, h_, 0, 0, 0)))
     out_shape.append(jax.ShapeDtypeStruct((bsz, h, b.rows, LANES, dh), jnp.float32))
   outs = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=st.scale, b=b, has_table=has_table, rel=st.rel),
       grid=(bsz, h, lp // b.k, lp // b.q), in_specs=[*specs, row, row, row, q_rows], out_specs=out_specs,
       out_shape=out_shape, scratch_shapes=[pltpu.VMEM((b.k, dh), jnp.float32)] * 2,
-      # The table's gradient sums over every tile of a (b, h) pair, so only B and H run in parallel.
+      # The tables' gradients sum over every tile of a (b, h) pair, so only B and H run in parallel.
       compiler_params=_params(('parallel', 'parallel', 'arbitrary', 'arbitrary')),
       cost_estimate=_cost(b, q.shape, 4 + _distance_matmuls(st, 'dkv'), q.dtype.itemsize, 4),
       interpret=st.interpret,
   )(*args)
   dk, dv, *outs = outs
   dtab = jnp.sum(outs.pop(0), axis=0) if has_table else None
-  drel = jnp.sum(outs.pop(0), axis=(0, 1)).astype(rel.dtype) if st.rel else None
+  drel = tuple(jnp.sum(g, axis=(0, 1)).astype(r.dtype) for g, r in zip(outs, rel))
   return dq, dk, dv, dtab, drel
 
 
@@ -477,7 +510,7 @@ def _fused_fwd(q, k, v, kbias, tab, rel, st):
 def _fused_bwd(st, res, do):
   q, k, v, kbias, tab, rel, o, m, l = res
   di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-  drel = None
+  drel = ()
   if st.kernel == 'triton':
     dq, dk, dv, dtab = flash_gpu.backward(q, k, v, kbias, _flat(tab), m, l, di, do, st.gpu())
     dtab = None if tab is None else dtab.reshape(tab.shape)
@@ -490,42 +523,58 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 KERNELS = ('mosaic', 'triton')
+SIDES = ('query', 'key', 'both')
 
 
 @dataclasses.dataclass(frozen=True)
 class Distances:
-  """A score term from a table of vectors over distances i - j (`relative_key`: q_i . r_{i-j}; with_key,
-  `relative_key_query`: also k_j . r_{i-j}), times `scale`: row (i - j) + M - 1 of table_RxDh holds r_{i-j}
-  for |i - j| < M = max_distance, the edge rows beyond."""
+  """A score term from a table of vectors over offsets, times `scale`: with c = (R - 1) / 2, the vector of
+  key-minus-query offset d = j - i is row clip(d, -c, c) + c of table_RxDh, or row clip(i - j, -c, c) + c
+  with `by_query_offset` (offsets beyond +-c read the edge rows). `side` 'query' adds q_i . r, 'key'
+  k_j . r, 'both' the two. relative_key is (its table, True, 'query'), relative_key_query the same on
+  'both', Chang et al.'s convq (its taps, False, 'query') and convk (its taps, True, 'key')."""
   table_RxDh: Any
-  max_distance: int
-  with_key: bool
+  by_query_offset: bool
+  side: str
   scale: float
 
+  def __post_init__(self):
+    if self.side not in SIDES:
+      raise ValueError(f'side {self.side!r} is not one of {SIDES}')
 
-def distance_rows(dist: Distances, b: Blocks, dtype):
-  """rel_Nx128xDh: r_{i-j} by key-minus-query offset d = j - i = -Lp..Lp-1 in rows of 128 (as `table_rows`),
-  the table's rows clipped to +-(M-1) and cast to the compute dtype (as the XLA path does)."""
-  m = dist.max_distance
-  d = jnp.arange(-b.length, b.length)
-  r = jnp.asarray(dist.table_RxDh, dtype)[jnp.clip(-d, -(m - 1), m - 1) + m - 1]
-  return r.reshape(b.rows, LANES, r.shape[-1])
+
+def distance_rows(terms, side: str, b: Blocks, dtype):
+  """rel_Nx128xDh: the sum of the scaled vectors of the terms on `side` ('query' or 'key'; a 'both' term is
+  on both) by key-minus-query offset d = j - i = -Lp..Lp-1, in rows of 128 (as `table_rows`), summed in
+  float32 and cast to the compute dtype."""
+  d = np.arange(-b.length, b.length)
+  out = None
+  for t in terms:
+    if t.side not in (side, 'both'):
+      continue
+    c = (t.table_RxDh.shape[0] - 1) // 2
+    rows = jnp.asarray(t.table_RxDh, jnp.float32)[np.clip(-d if t.by_query_offset else d, -c, c) + c] * t.scale
+    out = rows if out is None else out + rows
+  return out.astype(dtype).reshape(b.rows, LANES, -1)
 
 
 def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float,
               interpret: bool = False, block_q: int | None = None, block_k: int | None = None,
-              kernel: str = 'mosaic', distances: Distances | None = None):
-  """ctx_BxLxHxDh = softmax(scale q.k + table[h, j - i] + distance term, keys where mask_BxL is False
-  masked) . v on this device's shard (see `sharded` for a mesh). `table_HxR` (d = j - i = -(L-1)..L-1) and
-  `distances` may be None. `kernel`: 'mosaic' (TPU) or 'triton' (GPU, `flash_gpu`; its blocks are
-  flash_gpu.BLOCK, block_q/block_k only pad; no distance terms)."""
+              kernel: str = 'mosaic', distances=()):
+  """ctx_BxLxHxDh = softmax(scale q.k + table[h, j - i] + distance terms, keys where mask_BxL is False
+  masked) . v on this device's shard (see `sharded` for a mesh). `table_HxR` (d = j - i = -(L-1)..L-1) may
+  be None; `distances` is a sequence of `Distances` (any number, on either side). `kernel`: 'mosaic' (TPU)
+  or 'triton' (GPU, `flash_gpu`; its blocks are flash_gpu.BLOCK, block_q/block_k only pad; no distance
+  terms)."""
   bsz, length, h, dh = q_BxLxHxDh.shape
+  distances = tuple(distances or ())
   if kernel not in KERNELS:
     raise ValueError(f'kernel {kernel!r} is not one of {KERNELS}')
   if kernel == 'triton' and not flash_gpu.head_dim_supported(dh):
     raise ConfigError(f'the GPU kernel needs a head dimension that is a power of two >= 16; got {dh}')
-  if kernel == 'triton' and distances is not None:
-    raise ConfigError('the GPU kernel has no relative_key/relative_key_query terms (the TPU kernel has)')
+  if kernel == 'triton' and distances:
+    raise ConfigError(f'the GPU kernel has no terms over distance vectors ({", ".join(distance_terms())}; the '
+                      'TPU kernel has)')
   b = blocks(length, block_q, block_k)
   pad = b.length - length
 
@@ -535,16 +584,24 @@ def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale:
   kbias = jnp.where(mask_BxL, 0.0, MASKED).astype(jnp.float32)
   kbias = jnp.pad(kbias, ((0, 0), (0, pad)), constant_values=-jnp.inf)[:, None, :]
   tab = None if table_HxR is None else table_rows(table_HxR, length, b)
-  rel, rel_static = None, None
-  if distances is not None:
-    rel = distance_rows(distances, b, q_BxLxHxDh.dtype)
-    rel_static = (bool(distances.with_key), float(distances.scale))
+  rel, sides = (), None
+  if distances:
+    sides = Sides(query=any(t.side != 'key' for t in distances), key=any(t.side != 'query' for t in distances),
+                  shared=all(t.side == 'both' for t in distances))
+    rel = tuple(distance_rows(distances, side, b, q_BxLxHxDh.dtype)
+                for side, own in (('query', sides.query), ('key', sides.key and not sides.shared)) if own)
   o = _fused(heads_first(q_BxLxHxDh), heads_first(k_BxLxHxDh), heads_first(v_BxLxHxDh), kbias, tab, rel,
-             _Static(float(scale), b, bool(interpret), kernel, rel_static))
+             _Static(float(scale), b, bool(interpret), kernel, sides))
   return jnp.transpose(o[:, :, :length], (0, 2, 1, 3))
 
 
 # --- where the kernel runs ------------------------------------------------------------------------------
+
+def distance_terms() -> list[str]:
+  """The registered score terms over distance vectors (their modules return `Distances` when fused)."""
+  from posjax.attention import registry  # pylint: disable=g-import-not-at-top  (registry imports config)
+  return [n for n in registry.names() if registry.get(n).distances]
+
 
 def unsupported(cfg, *, dropout: bool = True) -> list[str]:
   """Why the kernel cannot compute this model's attention (empty: it can); `dropout`: in a call that applies
@@ -556,10 +613,7 @@ def unsupported(cfg, *, dropout: bool = True) -> list[str]:
   if content:
     out.append(f'the content-dependent score term(s) {", ".join(content)} (the kernel takes terms of the '
                'offset j - i: ' + ', '.join(n for n in registry.names() if registry.get(n).offsets) +
-               '; and one of ' + ', '.join(n for n in registry.names() if registry.get(n).distances) + ')')
-  distance_terms = [c.name for c in plan.score if c.distances]
-  if len(distance_terms) > 1:
-    out.append(f'more than one term over distances ({", ".join(distance_terms)})')
+               '; and terms over distance vectors: ' + ', '.join(distance_terms()) + ')')
   if not cfg.option('use_qk', True):
     out.append('use_qk=False')
   if dropout and cfg.attention_dropout > 0.0:
@@ -593,7 +647,7 @@ def kernel_for(platform: str) -> str:
 def choose(cfg, *, dropout: bool, record: bool) -> bool:
   """Whether this attention call runs the fused kernel, per `model.attention_impl` (logged once per case).
 
-  'auto': on a TPU or a GPU, when the variant has only offset terms, the head dimension suits the platform's
+  'auto': on a TPU or a GPU, when the platform's kernel takes every score term, the head dimension suits the platform's
   kernel and the call applies no dropout to the probabilities and records none (posjax.analysis asks for
   them); 'pallas': always but for recording calls (config validation has refused the rest); 'xla': never."""
   platform = target_platform()
@@ -601,11 +655,13 @@ def choose(cfg, *, dropout: bool, record: bool) -> bool:
     raise ConfigError(f"model.attention_impl='pallas' has kernels for TPUs and GPUs (and their interpret mode "
                       f"on the CPU) but none for {platform}; use 'auto' or 'xla'")
   why = unsupported(cfg, dropout=dropout)
-  if kernel_for(platform) == 'triton' and any(c.distances for c in registry_plan(cfg).score):
+  over_distances = [c.name for c in registry_plan(cfg).score if c.distances]
+  if kernel_for(platform) == 'triton' and over_distances:
     if cfg.attention_impl == 'pallas':
-      raise ConfigError(f"model.attention_impl='pallas': the GPU kernel has no relative_key/relative_key_query "
-                        f"terms (the TPU kernel has); use 'auto' or 'xla' for attention {cfg.attention!r}")
-    why.append('a relative_key term (in the TPU kernel only)')
+      raise ConfigError(f"model.attention_impl='pallas': the GPU kernel has no terms over distance vectors "
+                        f"({', '.join(over_distances)}; the TPU kernel has); use 'auto' or 'xla' for attention "
+                        f"{cfg.attention!r}")
+    why.append(f'the term(s) over distance vectors {", ".join(over_distances)} (in the TPU kernel only)')
   if kernel_for(platform) == 'triton' and not flash_gpu.head_dim_supported(cfg.head_dim):
     if cfg.attention_impl == 'pallas':
       raise ConfigError(f"model.attention_impl='pallas': the GPU kernel needs a head dimension that is a power "
@@ -634,11 +690,12 @@ def choose(cfg, *, dropout: bool, record: bool) -> bool:
 
 
 def sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float, interpret: bool,
-            kernel: str = 'mosaic', distances: Distances | None = None):
+            kernel: str = 'mosaic', distances=()):
   """`attention` under the current mesh: XLA does not partition a Mosaic or Triton kernel, so it runs in a
   shard_map over the mesh axes the logical axis rules give the batch and the heads (data, FSDP and tensor
   parallelism); the table's gradient is summed over the batch shards by shard_map's transpose."""
   fn = functools.partial(attention, scale=scale, interpret=interpret, kernel=kernel)
+  distances = tuple(distances or ())
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, distances=distances)
@@ -651,12 +708,12 @@ def sharded(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: f
   args, specs = (q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask_BxL), (x, x, x, P(batch, None))
   if table_HxR is not None:
     args, specs = args + (table_HxR,), specs + (P(heads, None),)
-  if distances is not None:  # one table for every head: replicated, its gradient summed over all shards
-    args, specs = args + (distances.table_RxDh,), specs + (P(None, None),)
+  # The distance tables serve every head: replicated, their gradients summed over all shards.
+  args, specs = args + tuple(t.table_RxDh for t in distances), specs + (P(None, None),) * len(distances)
 
   def local(q, k, v, m, *tables):
     tables = list(tables)
     table = tables.pop(0) if table_HxR is not None else None
-    dist = dataclasses.replace(distances, table_RxDh=tables.pop(0)) if distances is not None else None
+    dist = tuple(dataclasses.replace(t, table_RxDh=r) for t, r in zip(distances, tables))
     return fn(q, k, v, table, m, distances=dist)
   return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=x, check_vma=False)(*args)

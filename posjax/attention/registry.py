@@ -81,9 +81,9 @@ class Component:
   # module returns this table of its own parameters; the core spreads it over the logits or passes it to the
   # fused kernel, and posjax.analysis calls it on a checkpoint's parameters.
   offsets: Callable[..., Any] | None = None
-  # For `score` components whose term is x . r_{i-j} with a table of vectors over distances (relative_key,
-  # relative_key_query): built with fused=True, the module returns `flash.Distances` for the fused kernel,
-  # which forms the term tile by tile, instead of the BxHxLxL term.
+  # For `score` components whose term is q . r or k . r with a table of vectors over distances (relative_key,
+  # relative_key_query, convq, convk): built with fused=True, the module returns `flash.Distances` for the
+  # fused kernel, which forms the term tile by tile, instead of the BxHxLxL term.
   distances: bool = False
 
 

@@ -98,7 +98,8 @@ class RelativePosition(nn.Module):
                             (2 * m - 1, dh), cfg.param_dtype)
     if self.fused:
       from posjax.attention import flash  # pylint: disable=g-import-not-at-top  (flash imports the registry)
-      return flash.Distances(table_RxDh, m, self.with_key, 1.0 / dh ** 0.5 if scaled else 1.0)
+      return flash.Distances(table_RxDh, True, 'both' if self.with_key else 'query',
+                             1.0 / dh ** 0.5 if scaled else 1.0)
     block = cfg.option('relative_block')
     term_BxHxLxL = relative_scores(q_BxLxHxDh, table_RxDh, m, block)
     if self.with_key:

@@ -16,8 +16,10 @@ def markdown() -> str:
   for name in registry.names():
     c = registry.get(name)
     opts = ', '.join(f'`{o.name}={o.default!r}`' for o in c.options) or '-'
-    # A term with an offset table never builds its LxL bias in the fused kernel (model.attention_impl).
-    cost = c.cost + ('; fused kernel: O(H L) memory' if c.offsets else '')
+    # In the fused kernel (model.attention_impl) a term with an offset table or vectors over distances never
+    # builds its LxL bias.
+    cost = c.cost + ('; fused kernel: O(H L) memory' if c.offsets else
+                     '; TPU fused kernel: O(B H L Dh) memory' if c.distances else '')
     rows.append(f'| `{name}` | {c.role.replace("_", " ")} | {c.paper} | {c.params} | {cost} | {opts} |')
   return '\n'.join([BEGIN, *rows, END])
 
