@@ -32,7 +32,9 @@ TOL = 1e-5
 
 def distance_term(q, k, dist):
   """A `flash.Distances` term written out: [b, h, i, j] = scale (q_i . r + k_j . r, by its side) with r the
-  table's row for offset j - i gathered over the LxL grid (tiny shapes only)."""
+  table's row for offset j - i gathered over the LxL grid (tiny shapes only). It reads the rows by the
+  convention `Distances` states, so it checks the kernel's tiling, gathers and gradients; that each module's
+  `Distances` means its own term is checked by the layer tests against the modules' XLA paths."""
   l = q.shape[1]
   d = np.arange(l)[None, :] - np.arange(l)[:, None]  # j - i
   c = (dist.table_RxDh.shape[0] - 1) // 2
@@ -171,10 +173,11 @@ def test_gpu_kernel_refuses_head_dimensions_triton_cannot_tile():
 # Distance terms with a TISA-like table: blocks of 256 queries x 128 keys (two query sub-tiles per tile).
 # relative_key_query: one table of 2M-1 = 79 rows on both sides (clipped at 39 < L = 150, indexed by i - j);
 # composite attention's convq and convk (5 taps, clipped at 2; convk indexed by i - j) with relative_key on
-# the query side too; each side alone runs with -m slow.
+# the query side too; convk alone (no query rows: the dq kernel gets nothing from them); the query side alone
+# runs with -m slow.
 @pytest.mark.parametrize('terms', [
-    [(79, True, 'both')], [(79, True, 'query'), (5, False, 'query'), (5, True, 'key')],
-    *[pytest.param(t, marks=pytest.mark.slow) for t in ([(79, True, 'query')], [(5, True, 'key')])]])
+    [(79, True, 'both')], [(79, True, 'query'), (5, False, 'query'), (5, True, 'key')], [(5, True, 'key')],
+    pytest.param([(79, True, 'query')], marks=pytest.mark.slow)])
 def test_kernel_distance_terms_match_xla(terms):
   shape = (3, 150, 2, 8)
   q, k, v, table, mask = inputs(*shape)
@@ -261,7 +264,7 @@ def test_layer_with_kernel_matches_xla(variant):
   xla, kernel = check_layer(variant, OPTIONS)
   g_params, _ = assert_same(kernel, xla)
   for term in variant.split('+'):  # each term's own parameters get a gradient
-    if registry.get(term).offsets and term in g_params:
+    if (registry.get(term).offsets or registry.get(term).distances) and term in g_params:
       assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(g_params[term])), term
 
 

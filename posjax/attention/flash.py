@@ -2,13 +2,14 @@
 here, its GPU form for Pallas' Triton backend in `flash_gpu`; either in Pallas interpret mode on the CPU)
 that takes every content-free score term as one table over offsets.
 
-    ctx = softmax(scale q.k + table[h, j - i], padded keys masked) . v        float32 softmax statistics
+    ctx = softmax(scale q.k + table[h, j - i] + distance terms, padded keys masked) . v
+                                                                              float32 softmax statistics
 
 `table_HxR` is the sum of the variant's offset tables (`posjax.attention.offsets`, R = 2L-1, d = j - i), so
 what enters the kernel is O(H L); no [B|1]xHxLxL bias exists in the forward or the backward pass. The
 backward pass recomputes each tile's probabilities from the forward pass's row maxima and sums (BxHxL each)
-and returns the table's gradient, a per-diagonal sum of the logits' gradient, accumulated tile by tile in a
-BxHx(2L) buffer.
+and returns the table's gradient, a per-diagonal sum of the logits' gradient, accumulated tile by tile and
+row by row in an Hx(2L) buffer (the dk/dv kernel runs each head's rows in turn).
 
 How a tile finds its terms. The table is laid out in rows of 128 lanes (one TPU vector register wide): row n
 holds offsets d = 128 (n - n0) + x, lanes x = 0..127, n0 = Lp / 128 (Lp: the length padded to the block).
@@ -26,7 +27,8 @@ rows of 128 x Dh, one such input for the query side and one for the key side (on
 is on both, as relative_key_query). A sub-tile's q times the two rows it meets (two 128 x Dh x 128 products)
 gives q_r . r[128 D + x] in lane x, and the lane gather above picks each query row's offsets; the key term is
 the same on the transposed sub-tile. Backward, the inverse gather gives the gradient of those products,
-whence dq (dq kernel), dk and the rows' gradients (dk/dv kernel, in a per (b, h) buffer of 2Lp x Dh per side).
+whence dq (dq kernel), dk and the rows' gradients (dk/dv kernel, in a buffer of 2Lp x Dh per head and per
+row array).
 
 Masking follows jax.nn.dot_product_attention: a masked key's logit is -0.7 * float32 max (a row with every
 key masked attends uniformly, as in the XLA path) and its gradient is zero; the keys added to pad L up to
@@ -350,7 +352,7 @@ def _dkv_kernel(*refs, scale, b: Blocks, has_table, rel):
   dtab_ref = refs.pop(0) if has_table else None
   drels = _pop_rels(refs, rel)
   dk_acc, dv_acc = refs
-  j, i = pl.program_id(2), pl.program_id(3)  # key block outer, query block inner
+  row, j, i = pl.program_id(1), pl.program_id(2), pl.program_id(3)  # grid (H, B, key blocks, query blocks)
 
   @pl.when(i == 0)
   def _():
@@ -358,7 +360,7 @@ def _dkv_kernel(*refs, scale, b: Blocks, has_table, rel):
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
   for ref in {id(r): r for r in (dtab_ref, *drels) if r is not None}.values():
-    @pl.when((i == 0) & (j == 0))
+    @pl.when((row == 0) & (i == 0) & (j == 0))
     def _(ref=ref):
       ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
@@ -394,18 +396,25 @@ class _Static:
     return flash_gpu.Static(self.scale, self.blocks.length, flash_gpu.BLOCK, self.interpret)
 
 
-def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, key_outer: bool, rel: Sides | None = None):
-  """BlockSpecs of q, k, v, key bias (and table, and distance rows) for a grid (B, H, outer, inner)."""
-  def qk(f):  # index maps take (b, h, query block, key block) whatever the grid order
-    return (lambda b_, h, o, n: f(b_, h, n, o)) if key_outer else (lambda b_, h, o, n: f(b_, h, o, n))
+def _grid_index(dkv: bool):
+  """f(b, h, query block, key block) -> an index map over the grid: (B, H, query blocks, key blocks) for the
+  forward and dq kernels, (H, B, key blocks, query blocks) for the dk/dv kernel."""
+  def qk(f):
+    return (lambda h, b_, o, n: f(b_, h, n, o)) if dkv else (lambda b_, h, o, n: f(b_, h, o, n))
+  return qk
+
+
+def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, dkv: bool, rel: Sides | None = None):
+  """BlockSpecs of q, k, v, key bias (and table, and distance rows) for the grid of `_grid_index`."""
+  qk = _grid_index(dkv)
   specs = [pl.BlockSpec((_SQ, _SQ, b.q, dh), qk(lambda b_, h, i, j: (b_, h, i, 0))),
            pl.BlockSpec((_SQ, _SQ, b.k, dh), qk(lambda b_, h, i, j: (b_, h, j, 0))),
            pl.BlockSpec((_SQ, _SQ, b.k, dh), qk(lambda b_, h, i, j: (b_, h, j, 0))),
            pl.BlockSpec((_SQ, 1, b.k), qk(lambda b_, h, i, j: (b_, 0, j)))]
   if has_table:
-    specs.append(pl.BlockSpec((_SQ, nrows, LANES), lambda b_, h, o, n: (h, 0, 0)))
+    specs.append(pl.BlockSpec((_SQ, nrows, LANES), qk(lambda b_, h, i, j: (h, 0, 0))))
   for _ in range(rel.arrays if rel else 0):
-    specs.append(pl.BlockSpec((b.rows, LANES, dh), lambda b_, h, o, n: (0, 0, 0)))
+    specs.append(pl.BlockSpec((b.rows, LANES, dh), qk(lambda b_, h, i, j: (0, 0, 0))))
   row = pl.BlockSpec((_SQ, _SQ, 1, b.q), qk(lambda b_, h, i, j: (b_, h, 0, i)))
   q_rows = pl.BlockSpec((_SQ, _SQ, b.q, dh), qk(lambda b_, h, i, j: (b_, h, i, 0)))
   return specs, row, q_rows
@@ -469,24 +478,26 @@ def _backward(q, k, v, kbias, tab, rel, m, l, di, do, st: _Static):
   kv_rows = specs[1]
   out_specs = [kv_rows, kv_rows]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  if has_table:  # one BxH buffer, resident while a (b, h) pair runs through all its tiles
-    out_specs.append(pl.BlockSpec((_SQ, _SQ, nrows, LANES), lambda b_, h_, o, n: (b_, h_, 0, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((bsz, h, nrows, LANES), jnp.float32))
-  for _ in rel:  # the distance rows' gradients, likewise per (b, h)
-    out_specs.append(pl.BlockSpec((_SQ, _SQ, b.rows, LANES, dh), lambda b_, h_, o, n: (b_, h_, 0, 0, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((bsz, h, b.rows, LANES, dh), jnp.float32))
+  if has_table:  # one buffer per head, resident while the head runs through every row's tiles
+    out_specs.append(pl.BlockSpec((_SQ, nrows, LANES), lambda h_, b_, o, n: (h_, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((h, nrows, LANES), jnp.float32))
+  for _ in rel:  # the distance rows' gradients, likewise per head
+    out_specs.append(pl.BlockSpec((_SQ, b.rows, LANES, dh), lambda h_, b_, o, n: (h_, 0, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((h, b.rows, LANES, dh), jnp.float32))
+  sums = has_table or bool(rel)
   outs = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=st.scale, b=b, has_table=has_table, rel=st.rel),
-      grid=(bsz, h, lp // b.k, lp // b.q), in_specs=[*specs, row, row, row, q_rows], out_specs=out_specs,
+      grid=(h, bsz, lp // b.k, lp // b.q), in_specs=[*specs, row, row, row, q_rows], out_specs=out_specs,
       out_shape=out_shape, scratch_shapes=[pltpu.VMEM((b.k, dh), jnp.float32)] * 2,
-      # The tables' gradients sum over every tile of a (b, h) pair, so only B and H run in parallel.
-      compiler_params=_params(('parallel', 'parallel', 'arbitrary', 'arbitrary')),
+      # The tables' gradients sum over every tile of every row of a head, so then only the heads run in
+      # parallel; a buffer per head, not per (row, head), keeps them B times smaller.
+      compiler_params=_params(('parallel', 'arbitrary' if sums else 'parallel', 'arbitrary', 'arbitrary')),
       cost_estimate=_cost(b, q.shape, 4 + _distance_matmuls(st, 'dkv'), q.dtype.itemsize, 4),
       interpret=st.interpret,
   )(*args)
   dk, dv, *outs = outs
-  dtab = jnp.sum(outs.pop(0), axis=0) if has_table else None
-  drel = tuple(jnp.sum(g, axis=(0, 1)).astype(r.dtype) for g, r in zip(outs, rel))
+  dtab = outs.pop(0) if has_table else None
+  drel = tuple(jnp.sum(g, axis=0).astype(r.dtype) for g, r in zip(outs, rel))
   return dq, dk, dv, dtab, drel
 
 
@@ -541,6 +552,9 @@ class Distances:
   def __post_init__(self):
     if self.side not in SIDES:
       raise ValueError(f'side {self.side!r} is not one of {SIDES}')
+    shape = np.shape(self.table_RxDh)
+    if len(shape) != 2 or shape[0] % 2 != 1:
+      raise ValueError(f'a distance table has an odd number of rows (offsets -c..c) of Dh; got shape {shape}')
 
 
 def distance_rows(terms, side: str, b: Blocks, dtype):
