@@ -220,6 +220,8 @@ def markdown(rows: list[Row], topo: topology.Topology, size: str) -> str:
       def cell(r, impl):
         if r is None:
           return ['-'] * 4
+        if r.fits is None:  # a compile that failed for another reason than HBM (the row's note says which)
+          return ['compile failed', '-', '-', '-']
         if r.fits is False:
           if r.temp_bytes is not None:
             return [f'{gib(r.temp_bytes)} (does not fit)', '-', 'over HBM', '-']

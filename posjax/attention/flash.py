@@ -144,7 +144,13 @@ def _dot(x, y):
   return jax.lax.dot(x, y, preferred_element_type=jnp.float32)
 
 
-def _distance_bias(q, k, relq_ref, relk_ref, d, b: Blocks):
+def _reach_rows(t, reach: int):
+  """The rows of a distance array (`distance_rows`) holding offsets 128 t + x and 128 (t - 1) + x, x = 0..127:
+  beyond the `reach` rows each side every offset reads its edge vector, so t is clamped to an edge row."""
+  return tuple(jnp.clip(u, -(reach + 1), reach) + reach + 1 for u in (t, t - 1))
+
+
+def _distance_bias(q, k, relq_ref, relk_ref, d, b: Blocks, reach: int):
   """bias_QxK of q_i . rq[j - i] + k_j . rk[j - i] at the tile whose first key is 128 d positions after its
   first query; relq_ref and relk_ref (either may be None, or both the same ref) hold the vectors by
   key-minus-query offset in rows of 128 (as the table), scale included. A 128 x 128 sub-tile meets two
@@ -157,13 +163,13 @@ def _distance_bias(q, k, relq_ref, relk_ref, d, b: Blocks):
     qa = q[a * LANES:(a + 1) * LANES]
     cols = []
     for kb in range(b.k // LANES):
-      n = b.n0 + d + kb - a
+      n, n1 = _reach_rows(d + kb - a, reach)
       t = 0.0
       if relq_ref is not None:
-        cur, prev = relq_ref[n], relq_ref[n - 1]
+        cur, prev = relq_ref[n], relq_ref[n1]
         t = jnp.where(upper, _take(_dot_nt(qa, cur), idx), _take(_dot_nt(qa, prev), idx))
       if relk_ref is not None:
-        cur, prev = relk_ref[n], relk_ref[n - 1]
+        cur, prev = relk_ref[n], relk_ref[n1]
         kc = k[kb * LANES:(kb + 1) * LANES]
         t = t + jnp.where(r >= c, _take(_dot_nt(kc, cur), idx_t), _take(_dot_nt(kc, prev), idx_t)).T
       cols.append(t)
@@ -177,7 +183,7 @@ def _split(g, lower):
   return pos, g - pos
 
 
-def _distance_dq(ds_QxK, relq_ref, d, b: Blocks):
+def _distance_dq(ds_QxK, relq_ref, d, b: Blocks, reach: int):
   """dq_QxDh of the query term of `_distance_bias` for the logits' gradient ds: per sub-tile the inverse lane
   gather (x + r) of `_add_diagonal_sums`, split by which of the two rows the offset lies in, times them."""
   r, x = _iota(0), _iota(1)
@@ -186,8 +192,8 @@ def _distance_dq(ds_QxK, relq_ref, d, b: Blocks):
   for a in range(b.q // LANES):
     dq_a = None
     for kb in range(b.k // LANES):
-      n = b.n0 + d + kb - a
-      cur, prev = relq_ref[n], relq_ref[n - 1]
+      n, n1 = _reach_rows(d + kb - a, reach)
+      cur, prev = relq_ref[n], relq_ref[n1]
       pos, neg = _split(_take(ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES], idx), low)
       term = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
       dq_a = term if dq_a is None else dq_a + term
@@ -195,7 +201,7 @@ def _distance_dq(ds_QxK, relq_ref, d, b: Blocks):
   return jnp.concatenate(dq_rows, axis=0) if len(dq_rows) > 1 else dq_rows[0]
 
 
-def _distance_dk_and_rows(ds_QxK, q, k, relk_ref, drelq_ref, drelk_ref, d, b: Blocks):
+def _distance_dk_and_rows(ds_QxK, q, k, relk_ref, drelq_ref, drelk_ref, d, b: Blocks, reach: int):
   """The rest of `_distance_bias`' transpose, for the dk/dv kernel: adds the query term's rows' gradient to
   drelq_ref and the key term's to drelk_ref (either None where the term is absent; the same ref where the
   two terms share their vectors) and returns dk_KxDh of the key term, or None. The key term's gradient is
@@ -206,20 +212,20 @@ def _distance_dk_and_rows(ds_QxK, q, k, relk_ref, drelq_ref, drelk_ref, d, b: Bl
   dk_cols = [None] * (b.k // LANES)
   for a in range(b.q // LANES):
     for kb in range(b.k // LANES):
-      n = b.n0 + d + kb - a
+      n, n1 = _reach_rows(d + kb - a, reach)
       ds = ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES]
       pairs = []
       if drelq_ref is not None:
         pairs.append((drelq_ref, _split(_take(ds, idx), low), q[a * LANES:(a + 1) * LANES]))
       if drelk_ref is not None:
-        cur, prev = relk_ref[n], relk_ref[n - 1]
+        cur, prev = relk_ref[n], relk_ref[n1]
         pos, neg = _split(_take(ds.T, idx_t), low_t)
         term = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
         dk_cols[kb] = term if dk_cols[kb] is None else dk_cols[kb] + term
         pairs.append((drelk_ref, (pos, neg), k[kb * LANES:(kb + 1) * LANES]))
       for ref, (pos, neg), xs in pairs:
         ref[n] += _dot(pos.T.astype(xs.dtype), xs)
-        ref[n - 1] += _dot(neg.T.astype(xs.dtype), xs)
+        ref[n1] += _dot(neg.T.astype(xs.dtype), xs)
   if drelk_ref is None:
     return None
   return jnp.concatenate(dk_cols, axis=0) if len(dk_cols) > 1 else dk_cols[0]
@@ -237,12 +243,12 @@ def _column(row_1xN):
   return jnp.broadcast_to(row_1xN, (LANES, row_1xN.shape[1])).T
 
 
-def _logits(q, k, kbias_1xK, tab_ref, rels, d, scale, b: Blocks):
+def _logits(q, k, kbias_1xK, tab_ref, rels, d, scale, b: Blocks, reach: int):
   s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
   if tab_ref is not None:
     s = s + _bias(tab_ref, d, b)
   if rels[0] is not None or rels[1] is not None:
-    s = s + _distance_bias(q, k, *rels, d, b)
+    s = s + _distance_bias(q, k, *rels, d, b, reach)
   return jnp.where(kbias_1xK == 0.0, s, kbias_1xK)
 
 
@@ -254,14 +260,24 @@ def _tile_offset(i, j, b: Blocks):
 @dataclasses.dataclass(frozen=True)
 class Sides:
   """The distance terms of a call: vectors for a query term (q_i . rq[j - i]), for a key term
-  (k_j . rk[j - i]), and whether the two are the same vectors (one input, one gradient buffer)."""
+  (k_j . rk[j - i]), whether the two are the same vectors (one input, one gradient buffer), and `reach`:
+  the rows of 128 offsets each side of 0 that hold anything but the terms' edge vectors (`distance_rows`)."""
   query: bool
   key: bool
   shared: bool = False
+  reach: int = 1
 
   @property
   def arrays(self) -> int:
     return int(self.query) + int(self.key and not self.shared)
+
+  @property
+  def rows(self) -> int:  # offsets -128 (reach + 1) .. 128 (reach + 1) - 1
+    return 2 * self.reach + 2
+
+
+def _reach(rel: Sides | None) -> int:
+  return rel.reach if rel else 0
 
 
 def _pop_rels(refs, rel: Sides | None):
@@ -288,7 +304,7 @@ def _forward_kernel(*refs, scale, b: Blocks, has_table, rel):
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  s = _logits(q_ref[...], k_ref[...], kb_ref[...], tab_ref, rels, _tile_offset(i, j, b), scale, b)
+  s = _logits(q_ref[...], k_ref[...], kb_ref[...], tab_ref, rels, _tile_offset(i, j, b), scale, b, _reach(rel))
   m_prev = m_ref[...]
   m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
   p = jnp.exp(s - _lanes(m_next, b.k))
@@ -310,10 +326,10 @@ def _forward_kernel(*refs, scale, b: Blocks, has_table, rel):
     l_out[...] = l.T[:1, :]
 
 
-def _probs_and_grad(q, k, v, do, kbias, m_ref, l_ref, di_ref, tab_ref, rels, d, scale, b: Blocks):
+def _probs_and_grad(q, k, v, do, kbias, m_ref, l_ref, di_ref, tab_ref, rels, d, scale, b: Blocks, reach: int):
   """Recomputes p_QxK from the forward pass's row maxima and sums and returns it with ds_QxK, the gradient
   of the logits (zero at masked keys)."""
-  s = _logits(q, k, kbias, tab_ref, rels, d, scale, b)
+  s = _logits(q, k, kbias, tab_ref, rels, d, scale, b, reach)
   p = jnp.exp(s - _lanes(_column(m_ref[...]), b.k)) * _lanes(1.0 / _column(l_ref[...]), b.k)
   dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
   ds = jnp.where(kbias == 0.0, p * (dp - _lanes(_column(di_ref[...]), b.k)), 0.0)
@@ -334,10 +350,10 @@ def _dq_kernel(*refs, scale, b: Blocks, has_table, rel):
   k = k_ref[...]
   d = _tile_offset(i, j, b)
   _, ds = _probs_and_grad(q_ref[...], k, v_ref[...], do_ref[...], kb_ref[...], m_ref, l_ref, di_ref, tab_ref,
-                          rels, d, scale, b)
+                          rels, d, scale, b, _reach(rel))
   acc_ref[...] += jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
   if rels[0] is not None:  # acc is scaled by `scale` at the end; the vectors carry their own scale
-    acc_ref[...] += _distance_dq(ds, rels[0], d, b) / scale
+    acc_ref[...] += _distance_dq(ds, rels[0], d, b, rel.reach) / scale
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _():
@@ -366,13 +382,14 @@ def _dkv_kernel(*refs, scale, b: Blocks, has_table, rel):
 
   q, k, do = q_ref[...], k_ref[...], do_ref[...]
   d = _tile_offset(i, j, b)
-  p, ds = _probs_and_grad(q, k, v_ref[...], do, kb_ref[...], m_ref, l_ref, di_ref, tab_ref, rels, d, scale, b)
+  p, ds = _probs_and_grad(q, k, v_ref[...], do, kb_ref[...], m_ref, l_ref, di_ref, tab_ref, rels, d, scale, b,
+                          _reach(rel))
   dv_acc[...] += jax.lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
   dk_acc[...] += jax.lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
   if has_table:
     _add_diagonal_sums(dtab_ref, ds, d, b)
   if rel is not None:
-    dk = _distance_dk_and_rows(ds, q, k, rels[1], *drels, d, b)
+    dk = _distance_dk_and_rows(ds, q, k, rels[1], *drels, d, b, rel.reach)
     if dk is not None:  # dk_acc is scaled by `scale` at the end; the vectors carry their own scale
       dk_acc[...] += dk / scale
 
@@ -414,7 +431,7 @@ def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, dkv: bool, rel: Side
   if has_table:
     specs.append(pl.BlockSpec((_SQ, nrows, LANES), qk(lambda b_, h, i, j: (h, 0, 0))))
   for _ in range(rel.arrays if rel else 0):
-    specs.append(pl.BlockSpec((b.rows, LANES, dh), qk(lambda b_, h, i, j: (0, 0, 0))))
+    specs.append(pl.BlockSpec((rel.rows, LANES, dh), qk(lambda b_, h, i, j: (0, 0, 0))))
   row = pl.BlockSpec((_SQ, _SQ, 1, b.q), qk(lambda b_, h, i, j: (b_, h, 0, i)))
   q_rows = pl.BlockSpec((_SQ, _SQ, b.q, dh), qk(lambda b_, h, i, j: (b_, h, i, 0)))
   return specs, row, q_rows
@@ -482,8 +499,8 @@ def _backward(q, k, v, kbias, tab, rel, m, l, di, do, st: _Static):
     out_specs.append(pl.BlockSpec((_SQ, nrows, LANES), lambda h_, b_, o, n: (h_, 0, 0)))
     out_shape.append(jax.ShapeDtypeStruct((h, nrows, LANES), jnp.float32))
   for _ in rel:  # the distance rows' gradients, likewise per head
-    out_specs.append(pl.BlockSpec((_SQ, b.rows, LANES, dh), lambda h_, b_, o, n: (h_, 0, 0, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((h, b.rows, LANES, dh), jnp.float32))
+    out_specs.append(pl.BlockSpec((_SQ, st.rel.rows, LANES, dh), lambda h_, b_, o, n: (h_, 0, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((h, st.rel.rows, LANES, dh), jnp.float32))
   sums = has_table or bool(rel)
   outs = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=st.scale, b=b, has_table=has_table, rel=st.rel),
@@ -557,11 +574,20 @@ class Distances:
       raise ValueError(f'a distance table has an odd number of rows (offsets -c..c) of Dh; got shape {shape}')
 
 
-def distance_rows(terms, side: str, b: Blocks, dtype):
+def reach(terms, b: Blocks) -> int:
+  """Rows of 128 offsets each side of 0 that reach every term's last vector before its edge (offset c), or all
+  the sequence's; one more row each side holds edge vectors only (`Sides.rows`)."""
+  c = max((t.table_RxDh.shape[0] - 1) // 2 for t in terms)
+  return min(c // LANES + 1, b.n0)
+
+
+def distance_rows(terms, side: str, reach_: int, dtype):
   """rel_Nx128xDh: the sum of the scaled vectors of the terms on `side` ('query' or 'key'; a 'both' term is
-  on both) by key-minus-query offset d = j - i = -Lp..Lp-1, in rows of 128 (as `table_rows`), summed in
-  float32 and cast to the compute dtype."""
-  d = np.arange(-b.length, b.length)
+  on both) by key-minus-query offset d = j - i in rows of 128 (as `table_rows`), summed in float32 and cast
+  to the compute dtype. Only offsets -128 (reach + 1) .. 128 (reach + 1) - 1: the kernel reads the first and
+  last row (edge vectors only) for every offset beyond, so the rows, and their gradient, are O(c Dh) for a
+  clipped term whatever L (O(L Dh) at most)."""
+  d = np.arange(-LANES * (reach_ + 1), LANES * (reach_ + 1))
   out = None
   for t in terms:
     if t.side not in (side, 'both'):
@@ -569,7 +595,7 @@ def distance_rows(terms, side: str, b: Blocks, dtype):
     c = (t.table_RxDh.shape[0] - 1) // 2
     rows = jnp.asarray(t.table_RxDh, jnp.float32)[np.clip(-d if t.by_query_offset else d, -c, c) + c] * t.scale
     out = rows if out is None else out + rows
-  return out.astype(dtype).reshape(b.rows, LANES, -1)
+  return out.astype(dtype).reshape(2 * reach_ + 2, LANES, -1)
 
 
 def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale: float,
@@ -601,8 +627,8 @@ def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale:
   rel, sides = (), None
   if distances:
     sides = Sides(query=any(t.side != 'key' for t in distances), key=any(t.side != 'query' for t in distances),
-                  shared=all(t.side == 'both' for t in distances))
-    rel = tuple(distance_rows(distances, side, b, q_BxLxHxDh.dtype)
+                  shared=all(t.side == 'both' for t in distances), reach=reach(distances, b))
+    rel = tuple(distance_rows(distances, side, sides.reach, q_BxLxHxDh.dtype)
                 for side, own in (('query', sides.query), ('key', sides.key and not sides.shared)) if own)
   o = _fused(heads_first(q_BxLxHxDh), heads_first(k_BxLxHxDh), heads_first(v_BxLxHxDh), kbias, tab, rel,
              _Static(float(scale), b, bool(interpret), kernel, sides))
