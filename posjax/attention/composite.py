@@ -23,7 +23,8 @@ with the taps beyond +-k tied to the edge taps; for sequences no longer than k+1
 The default width 17 (8 positions each way) is the paper's. Initialisation is the authors': `convfixed`
 starts at zero (no bias), `convq`/`convk` at U(+-1/sqrt(2k+1)) (their kaiming_uniform_(a=sqrt(5)) on the
 Dhx(2k+1) table). Each term is BxHxL(2k+1) work spread over LxL by a skew; nothing of size BxHxLxLxDh is
-built.
+built. In the fused TPU kernel (`model.attention_impl`, `posjax.attention.flash`) no LxL term is built at all:
+`convfixed` enters as its offset table, `convq`/`convk` as their taps by offset (`flash.Distances`).
 """
 
 from __future__ import annotations
