@@ -258,7 +258,8 @@ def main(argv=None):
   ap.add_argument('--topology', default='v5e:2x2')
   ap.add_argument('--size', default='base')
   ap.add_argument('--lengths', default='512,2048,8192')
-  ap.add_argument('--variants', default='absolute,tisa,t5,alibi,convfixed')
+  ap.add_argument('--variants', default='absolute,tisa,t5,alibi,convfixed,none+convfixed+convq+convk,'
+                                        'relative_key_query')
   ap.add_argument('--impls', default='xla,pallas')
   ap.add_argument('--batch', type=int, default=1, help='rows per chip')
   ap.add_argument('--extrapolate', type=int, default=16, help='score at this multiple of 512 (0: skip)')

@@ -80,3 +80,20 @@ def test_gpu_attention_script_smoke(tmp_path, capsys):
   assert '| 40 | kernel |' in md and '| 40 | xla |' in md
   assert gpu_attention.main(['--out', str(tmp_path / 'x')]) == 2
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith('error: bench/gpu_attention.py measures on')
+
+
+def test_attention_memory_table_shows_fits_misses_and_failed_compiles():
+  """bench/attention_memory.py's README table from constructed rows: ratios to absolute's with the same
+  implementation, a step over HBM, and a compile that failed for another reason (a row, not a crash)."""
+  import attention_memory as am  # pylint: disable=g-import-not-at-top
+  from posjax.aot import topology  # pylint: disable=g-import-not-at-top
+  gib = float(am.GiB)
+  rows = [am.Row('train', 'absolute', 'xla', 512, 1, True, 1.0 * gib, 2.0 * gib, roofline_s=0.02),
+          am.Row('train', 'absolute', 'pallas', 512, 1, True, 0.5 * gib, 1.5 * gib, roofline_s=0.01),
+          am.Row('train', 'tisa', 'xla', 512, 1, False, 3.0 * gib),
+          am.Row('train', 'tisa', 'pallas', 512, 1, True, 0.55 * gib, 1.55 * gib, roofline_s=0.01),
+          am.Row('train', 'convq', 'pallas', 512, 1, note='compile failed: RESOURCE_EXHAUSTED')]
+  md = am.markdown(rows, topology.parse('v5e:2x2'), 'base')
+  assert '| 512 | 1 | absolute | 1.00 | 1.00 | 2.00 | 20.0 | 0.50 | 1.00 | 1.50 | 10.0 | 0.500 |' in md
+  assert '| 512 | 1 | tisa | 3.00 (does not fit) | - | over HBM | - | 0.55 | 1.10 | 1.55 | 10.0 | 0.183 |' in md
+  assert '| 512 | 1 | convq | - | - | - | - | compile failed | - | - | - | - |' in md
