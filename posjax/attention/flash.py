@@ -27,8 +27,10 @@ rows of 128 x Dh, one such input for the query side and one for the key side (on
 is on both, as relative_key_query). A sub-tile's q times the two rows it meets (two 128 x Dh x 128 products)
 gives q_r . r[128 D + x] in lane x, and the lane gather above picks each query row's offsets; the key term is
 the same on the transposed sub-tile. Backward, the inverse gather gives the gradient of those products,
-whence dq (dq kernel), dk and the rows' gradients (dk/dv kernel, in a buffer of 2Lp x Dh per head and per
-row array).
+whence dq (dq kernel), dk and the rows' gradients (dk/dv kernel, in a buffer per head and per row array).
+Rows of their own go only as far as the terms reach before their edge vectors (`distance_rows`: 4 rows of 128
+for convq/convk's +-8, 10 for relative_key's +-511), whatever L; a sub-tile beyond meets one edge vector,
+whose product with each query (key) is a row sum, not a matmul.
 
 Masking follows jax.nn.dot_product_attention: a masked key's logit is -0.7 * float32 max (a row with every
 key masked attends uniformly, as in the XLA path) and its gradient is zero; the keys added to pad L up to
@@ -146,8 +148,19 @@ def _dot(x, y):
 
 def _reach_rows(t, reach: int):
   """The rows of a distance array (`distance_rows`) holding offsets 128 t + x and 128 (t - 1) + x, x = 0..127:
-  beyond the `reach` rows each side every offset reads its edge vector, so t is clamped to an edge row."""
+  beyond the `reach` rows each side every offset reads its edge vector, so t is clamped to an edge row. Where
+  both are the same row, the sub-tile sees one vector at every offset (`_edge`)."""
   return tuple(jnp.clip(u, -(reach + 1), reach) + reach + 1 for u in (t, t - 1))
+
+
+def _edge(ref, n):
+  """The one vector (1 x Dh, float32) of an edge row."""
+  return ref[n][0:1].astype(jnp.float32)
+
+
+def _rowdot(x, e_1xD):
+  """x_NxD . e for each row, N x 1, in float32 (no MXU pass for one vector)."""
+  return jnp.sum(x.astype(jnp.float32) * e_1xD, axis=1, keepdims=True)
 
 
 def _distance_bias(q, k, relq_ref, relk_ref, d, b: Blocks, reach: int):
@@ -155,7 +168,9 @@ def _distance_bias(q, k, relq_ref, relk_ref, d, b: Blocks, reach: int):
   first query; relq_ref and relk_ref (either may be None, or both the same ref) hold the vectors by
   key-minus-query offset in rows of 128 (as the table), scale included. A 128 x 128 sub-tile meets two
   rows: q . r over both is two small products, and each query row picks its offsets by the lane gather of
-  `_bias`; the key term is the same gather on the transposed sub-tile (row: key, column: query)."""
+  `_bias`; the key term is the same gather on the transposed sub-tile (row: key, column: query). A sub-tile
+  beyond the terms' reach meets only edge vectors: q_i . e, the same for all its keys (k_j . e for all its
+  queries), one product per row instead."""
   r, c = _iota(0), _iota(1)
   upper, idx, idx_t = c >= r, (c - r) & (LANES - 1), (r - c) & (LANES - 1)
   rows = []
@@ -164,15 +179,26 @@ def _distance_bias(q, k, relq_ref, relk_ref, d, b: Blocks, reach: int):
     cols = []
     for kb in range(b.k // LANES):
       n, n1 = _reach_rows(d + kb - a, reach)
-      t = 0.0
-      if relq_ref is not None:
-        cur, prev = relq_ref[n], relq_ref[n1]
-        t = jnp.where(upper, _take(_dot_nt(qa, cur), idx), _take(_dot_nt(qa, prev), idx))
-      if relk_ref is not None:
-        cur, prev = relk_ref[n], relk_ref[n1]
-        kc = k[kb * LANES:(kb + 1) * LANES]
-        t = t + jnp.where(r >= c, _take(_dot_nt(kc, cur), idx_t), _take(_dot_nt(kc, prev), idx_t)).T
-      cols.append(t)
+      kc = k[kb * LANES:(kb + 1) * LANES]
+
+      def full(n=n, n1=n1, kc=kc):
+        t = jnp.zeros((LANES, LANES), jnp.float32)
+        if relq_ref is not None:
+          cur, prev = relq_ref[n], relq_ref[n1]
+          t = t + jnp.where(upper, _take(_dot_nt(qa, cur), idx), _take(_dot_nt(qa, prev), idx))
+        if relk_ref is not None:
+          cur, prev = relk_ref[n], relk_ref[n1]
+          t = t + jnp.where(r >= c, _take(_dot_nt(kc, cur), idx_t), _take(_dot_nt(kc, prev), idx_t)).T
+        return t
+
+      def edge(n=n, kc=kc):
+        t = jnp.zeros((LANES, LANES), jnp.float32)
+        if relq_ref is not None:
+          t = t + _rowdot(qa, _edge(relq_ref, n))
+        if relk_ref is not None:
+          t = t + _rowdot(kc, _edge(relk_ref, n)).T
+        return t
+      cols.append(jax.lax.cond(n == n1, edge, full))
     rows.append(jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0])
   return jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 
@@ -185,7 +211,8 @@ def _split(g, lower):
 
 def _distance_dq(ds_QxK, relq_ref, d, b: Blocks, reach: int):
   """dq_QxDh of the query term of `_distance_bias` for the logits' gradient ds: per sub-tile the inverse lane
-  gather (x + r) of `_add_diagonal_sums`, split by which of the two rows the offset lies in, times them."""
+  gather (x + r) of `_add_diagonal_sums`, split by which of the two rows the offset lies in, times them;
+  beyond the reach, each row's sum times the edge vector."""
   r, x = _iota(0), _iota(1)
   idx, low = (x + r) & (LANES - 1), x + r < LANES
   dq_rows = []
@@ -193,9 +220,16 @@ def _distance_dq(ds_QxK, relq_ref, d, b: Blocks, reach: int):
     dq_a = None
     for kb in range(b.k // LANES):
       n, n1 = _reach_rows(d + kb - a, reach)
-      cur, prev = relq_ref[n], relq_ref[n1]
-      pos, neg = _split(_take(ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES], idx), low)
-      term = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
+      ds = ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES]
+
+      def full(n=n, n1=n1, ds=ds):
+        cur, prev = relq_ref[n], relq_ref[n1]
+        pos, neg = _split(_take(ds, idx), low)
+        return _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
+
+      def edge(n=n, ds=ds):
+        return jnp.sum(ds, axis=1, keepdims=True) * _edge(relq_ref, n)
+      term = jax.lax.cond(n == n1, edge, full)
       dq_a = term if dq_a is None else dq_a + term
     dq_rows.append(dq_a)
   return jnp.concatenate(dq_rows, axis=0) if len(dq_rows) > 1 else dq_rows[0]
@@ -205,30 +239,57 @@ def _distance_dk_and_rows(ds_QxK, q, k, relk_ref, drelq_ref, drelk_ref, d, b: Bl
   """The rest of `_distance_bias`' transpose, for the dk/dv kernel: adds the query term's rows' gradient to
   drelq_ref and the key term's to drelk_ref (either None where the term is absent; the same ref where the
   two terms share their vectors) and returns dk_KxDh of the key term, or None. The key term's gradient is
-  the query term's on ds transposed."""
+  the query term's on ds transposed. Beyond the reach an edge row's gradient goes to its first lane: every
+  lane of it holds the same vectors, whose gradient `distance_rows` sums over the lanes."""
   r, x = _iota(0), _iota(1)
   idx, low = (x + r) & (LANES - 1), x + r < LANES
   idx_t, low_t = (r - x) & (LANES - 1), x <= r
   dk_cols = [None] * (b.k // LANES)
   for a in range(b.q // LANES):
+    qa = q[a * LANES:(a + 1) * LANES]
     for kb in range(b.k // LANES):
       n, n1 = _reach_rows(d + kb - a, reach)
       ds = ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES]
-      pairs = []
-      if drelq_ref is not None:
-        pairs.append((drelq_ref, _split(_take(ds, idx), low), q[a * LANES:(a + 1) * LANES]))
+      kc = k[kb * LANES:(kb + 1) * LANES]
+      edge = n == n1
+
+      @pl.when(jnp.logical_not(edge))
+      def _(n=n, n1=n1, ds=ds, kc=kc):
+        pairs = []
+        if drelq_ref is not None:
+          pairs.append((drelq_ref, _split(_take(ds, idx), low), qa))
+        if drelk_ref is not None:
+          pairs.append((drelk_ref, _split(_take(ds.T, idx_t), low_t), kc))
+        for ref, (pos, neg), xs in pairs:
+          ref[n] += _dot(pos.T.astype(xs.dtype), xs)
+          ref[n1] += _dot(neg.T.astype(xs.dtype), xs)
+
+      @pl.when(edge)
+      def _(n=n, ds=ds, kc=kc):
+        for ref, sums, xs in ((drelq_ref, jnp.sum(ds, axis=1, keepdims=True), qa),
+                              (drelk_ref, jnp.sum(ds.T, axis=1, keepdims=True), kc)):
+          if ref is not None:
+            g = jnp.sum(sums * xs.astype(jnp.float32), axis=0, keepdims=True)
+            ref[n] += _first_lane(g, ref.shape[-1])
+
       if drelk_ref is not None:
-        cur, prev = relk_ref[n], relk_ref[n1]
-        pos, neg = _split(_take(ds.T, idx_t), low_t)
-        term = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
+        def full(n=n, n1=n1, ds=ds):
+          cur, prev = relk_ref[n], relk_ref[n1]
+          pos, neg = _split(_take(ds.T, idx_t), low_t)
+          return _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
+
+        def edge_dk(n=n, ds=ds):
+          return jnp.sum(ds.T, axis=1, keepdims=True) * _edge(relk_ref, n)
+        term = jax.lax.cond(edge, edge_dk, full)
         dk_cols[kb] = term if dk_cols[kb] is None else dk_cols[kb] + term
-        pairs.append((drelk_ref, (pos, neg), k[kb * LANES:(kb + 1) * LANES]))
-      for ref, (pos, neg), xs in pairs:
-        ref[n] += _dot(pos.T.astype(xs.dtype), xs)
-        ref[n1] += _dot(neg.T.astype(xs.dtype), xs)
   if drelk_ref is None:
     return None
   return jnp.concatenate(dk_cols, axis=0) if len(dk_cols) > 1 else dk_cols[0]
+
+
+def _first_lane(g_1xD, dh):
+  """A 128 x Dh row block holding g in its first lane, zeros elsewhere."""
+  return jnp.where(jax.lax.broadcasted_iota(jnp.int32, (LANES, dh), 0) == 0, g_1xD, 0.0)
 
 
 def _lanes(x_Nx128, width):
@@ -437,21 +498,25 @@ def _specs(b: Blocks, dh: int, nrows: int, has_table: bool, dkv: bool, rel: Side
   return specs, row, q_rows
 
 
-def _distance_matmuls(st, kernel: str) -> int:
+def _distance_matmuls(st, kernel: str) -> float:
   """The distance terms' products per tile, in units of one tile's q.k product: two for the bias from q (two
   more from k), recomputed in each backward kernel; the dq kernel adds dq's two, the dk/dv kernel the
-  rows' gradient from q (two) and, with the key term, dk's and the rows' gradient from k (four)."""
+  rows' gradient from q (two) and, with the key term, dk's and the rows' gradient from k (four). Only the
+  128 x 128 sub-tiles within the terms' reach (|key - query sub-tile| <= reach) do them; the rest take one
+  product per row with an edge vector, not counted."""
   if not st.rel:
     return 0
   query, key = int(st.rel.query), int(st.rel.key)
   bias = 2 * (query + key)
-  return {'forward': bias, 'dq': bias + 2 * query, 'dkv': bias + 2 * query + 4 * key}[kernel]
+  n = st.blocks.length // LANES
+  within = sum(n - abs(t) for t in range(-st.rel.reach, st.rel.reach + 1) if abs(t) < n) / n ** 2
+  return within * {'forward': bias, 'dq': bias + 2 * query, 'dkv': bias + 2 * query + 4 * key}[kernel]
 
 
 def _cost(b: Blocks, shape, matmuls, itemsize, passes):
   bsz, h, lp, dh = shape
   tiles = bsz * h * lp * lp
-  return pl.CostEstimate(flops=2 * matmuls * tiles * dh, transcendentals=tiles,
+  return pl.CostEstimate(flops=int(2 * matmuls * tiles * dh), transcendentals=tiles,
                          bytes_accessed=passes * bsz * h * lp * dh * itemsize * (lp // b.q + 2))
 
 
