@@ -484,17 +484,24 @@ def test_bfloat16_within_the_stated_bound(kernel):
 
 @pytest.mark.parametrize('dtype, tol', [(jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)])
 def test_compiled_kernel_on_a_tpu(dtype, tol):
-  """The Mosaic kernel itself, not its interpret mode, against the XLA path on the same TPU; runs only where
-  JAX's backend is a TPU (`JAX_PLATFORMS=tpu python -m pytest tests/test_flash.py -k on_a_tpu`). Both paths'
-  float32 matmuls at full precision; the bound is relative to each quantity's largest magnitude."""
+  """The Mosaic kernel itself, not its interpret mode, against the XLA path on the same TPU, with an offset
+  table and distance terms; runs only where JAX's backend is a TPU (`JAX_PLATFORMS=tpu python -m pytest
+  tests/test_flash.py -k on_a_tpu`). Both paths' float32 matmuls at full precision; the bound is relative to
+  each quantity's largest magnitude."""
   if jax.default_backend() != 'tpu':
     pytest.skip('needs a TPU backend (JAX_PLATFORMS=tpu)')
   shape = (2, 1000, 4, 64)
   q, k, v, table, mask = inputs(*shape, seed=7, dtype=dtype)
   w = jnp.asarray(np.random.default_rng(8).normal(size=shape), jnp.float32)
+  # Distance terms as in relative_key_query (both sides) and composite attention's convq and convk: at L=1000
+  # most sub-tiles lie beyond their reach on either side (the edge-vector branch), a few within.
+  rng = np.random.default_rng(9)
+  dist = [(jnp.asarray(0.3 * rng.normal(size=(rows, 64)), jnp.float32), by_query, side, 0.125)
+          for rows, by_query, side in ((79, True, 'both'), (17, False, 'query'), (17, True, 'key'))]
   with jax.default_matmul_precision('highest'):
-    (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, interpret=False)
-  for name, a, b in zip(('out', 'q', 'k', 'v', 'table'), (o1, *g1), (o2, *g2)):
+    (o1, g1), (o2, g2) = both_ways(q, k, v, table, mask, w, interpret=False, distances=dist)
+  names = ('out', 'q', 'k', 'v', 'table', 'relative_key_query', 'convq', 'convk')
+  for name, a, b in zip(names, (o1, *g1), (o2, *g2), strict=True):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(a, b, atol=tol * np.abs(b).max(), rtol=0, err_msg=name)
 

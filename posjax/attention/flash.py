@@ -22,15 +22,15 @@ gradient is the reverse, a gather by (x + r) mod 128 then a sum over rows. Both 
 
 Terms over distance vectors (`Distances`: Shaw's `relative_key` q_i . r_{i-j}, Huang's `relative_key_query`
 adding k_j . r_{i-j}, Chang et al.'s `convq` q_i . r_{c(j-i)} and `convk` k_j . r_{c(i-j)}, any number of them)
-use the same layout with a vector per offset: the terms' vectors, scaled and summed per side, by offset d in
-rows of 128 x Dh, one such input for the query side and one for the key side (one for both when every term
-is on both, as relative_key_query). A sub-tile's q times the two rows it meets (two 128 x Dh x 128 products)
-gives q_r . r[128 D + x] in lane x, and the lane gather above picks each query row's offsets; the key term is
-the same on the transposed sub-tile. Backward, the inverse gather gives the gradient of those products,
-whence dq (dq kernel), dk and the rows' gradients (dk/dv kernel, in a buffer per head and per row array).
-Rows of their own go only as far as the terms reach before their edge vectors (`distance_rows`: 4 rows of 128
-for convq/convk's +-8, 10 for relative_key's +-511), whatever L; a sub-tile beyond meets one edge vector,
-whose product with each query (key) is a row sum, not a matmul.
+enter as the terms' vectors, scaled and summed per side, by offset in rows of 128 x Dh: one such input for
+the query side and one for the key side (one for both when every term is on both, as relative_key_query).
+Rows of their own go only as far as the terms reach before their edge vectors (`distance_rows`: 4 rows for
+convq/convk's +-8, 10 for relative_key's +-511, whatever L); a row of edge vectors stands for every offset
+beyond. A sub-tile's q times the two rows it meets (two 128 x Dh x 128 products) gives q_r . r[128 D + x] in
+lane x, and the lane gather above picks each query row's offsets; the key term is the same on the transposed
+sub-tile. A sub-tile beyond the reach meets one edge vector, whose product with each query (key) is a row
+sum, not a matmul. Backward, the inverse gather gives the gradient of those products, whence dq (dq
+kernel), dk and the rows' gradients (dk/dv kernel, in a buffer per head and per row array).
 
 Masking follows jax.nn.dot_product_attention: a masked key's logit is -0.7 * float32 max (a row with every
 key masked attends uniformly, as in the XLA path) and its gradient is zero; the keys added to pad L up to
@@ -155,7 +155,7 @@ def _reach_rows(t, reach: int):
 
 def _edge(ref, n):
   """The one vector (1 x Dh, float32) of an edge row."""
-  return ref[n][0:1].astype(jnp.float32)
+  return ref[n, pl.ds(0, 1), :].astype(jnp.float32)
 
 
 def _rowdot(x, e_1xD):
@@ -244,6 +244,7 @@ def _distance_dk_and_rows(ds_QxK, q, k, relk_ref, drelq_ref, drelk_ref, d, b: Bl
   r, x = _iota(0), _iota(1)
   idx, low = (x + r) & (LANES - 1), x + r < LANES
   idx_t, low_t = (r - x) & (LANES - 1), x <= r
+  dh = q.shape[-1]
   dk_cols = [None] * (b.k // LANES)
   for a in range(b.q // LANES):
     qa = q[a * LANES:(a + 1) * LANES]
@@ -251,45 +252,44 @@ def _distance_dk_and_rows(ds_QxK, q, k, relk_ref, drelq_ref, drelk_ref, d, b: Bl
       n, n1 = _reach_rows(d + kb - a, reach)
       ds = ds_QxK[a * LANES:(a + 1) * LANES, kb * LANES:(kb + 1) * LANES]
       kc = k[kb * LANES:(kb + 1) * LANES]
-      edge = n == n1
 
-      @pl.when(jnp.logical_not(edge))
-      def _(n=n, n1=n1, ds=ds, kc=kc):
-        pairs = []
+      def full(n=n, n1=n1, ds=ds, kc=kc):
+        dk = jnp.zeros((LANES, dh), jnp.float32)
         if drelq_ref is not None:
-          pairs.append((drelq_ref, _split(_take(ds, idx), low), qa))
+          pos, neg = _split(_take(ds, idx), low)
+          drelq_ref[n] += _dot(pos.T.astype(qa.dtype), qa)
+          drelq_ref[n1] += _dot(neg.T.astype(qa.dtype), qa)
         if drelk_ref is not None:
-          pairs.append((drelk_ref, _split(_take(ds.T, idx_t), low_t), kc))
-        for ref, (pos, neg), xs in pairs:
-          ref[n] += _dot(pos.T.astype(xs.dtype), xs)
-          ref[n1] += _dot(neg.T.astype(xs.dtype), xs)
-
-      @pl.when(edge)
-      def _(n=n, ds=ds, kc=kc):
-        for ref, sums, xs in ((drelq_ref, jnp.sum(ds, axis=1, keepdims=True), qa),
-                              (drelk_ref, jnp.sum(ds.T, axis=1, keepdims=True), kc)):
-          if ref is not None:
-            g = jnp.sum(sums * xs.astype(jnp.float32), axis=0, keepdims=True)
-            ref[n] += _first_lane(g, ref.shape[-1])
-
-      if drelk_ref is not None:
-        def full(n=n, n1=n1, ds=ds):
-          cur, prev = relk_ref[n], relk_ref[n1]
           pos, neg = _split(_take(ds.T, idx_t), low_t)
-          return _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
+          cur, prev = relk_ref[n], relk_ref[n1]
+          dk = _dot(pos.astype(cur.dtype), cur) + _dot(neg.astype(prev.dtype), prev)
+          drelk_ref[n] += _dot(pos.T.astype(kc.dtype), kc)
+          drelk_ref[n1] += _dot(neg.T.astype(kc.dtype), kc)
+        return dk
 
-        def edge_dk(n=n, ds=ds):
-          return jnp.sum(ds.T, axis=1, keepdims=True) * _edge(relk_ref, n)
-        term = jax.lax.cond(edge, edge_dk, full)
+      def edge(n=n, ds=ds, kc=kc):
+        dk = jnp.zeros((LANES, dh), jnp.float32)
+        if drelq_ref is not None:
+          _add_first_lane(drelq_ref, n, jnp.sum(jnp.sum(ds, axis=1, keepdims=True) * qa.astype(jnp.float32),
+                                                axis=0, keepdims=True))
+        if drelk_ref is not None:
+          col_sums = jnp.sum(ds.T, axis=1, keepdims=True)
+          dk = col_sums * _edge(relk_ref, n)
+          _add_first_lane(drelk_ref, n, jnp.sum(col_sums * kc.astype(jnp.float32), axis=0, keepdims=True))
+        return dk
+      if drelk_ref is not None:
+        term = jax.lax.cond(n == n1, edge, full)
         dk_cols[kb] = term if dk_cols[kb] is None else dk_cols[kb] + term
+      else:
+        jax.lax.cond(n == n1, edge, full)
   if drelk_ref is None:
     return None
   return jnp.concatenate(dk_cols, axis=0) if len(dk_cols) > 1 else dk_cols[0]
 
 
-def _first_lane(g_1xD, dh):
-  """A 128 x Dh row block holding g in its first lane, zeros elsewhere."""
-  return jnp.where(jax.lax.broadcasted_iota(jnp.int32, (LANES, dh), 0) == 0, g_1xD, 0.0)
+def _add_first_lane(ref, n, g_1xD):
+  """ref[n] += g in the row's first lane only."""
+  ref[n, pl.ds(0, 1), :] += g_1xD
 
 
 def _lanes(x_Nx128, width):
@@ -640,10 +640,11 @@ class Distances:
 
 
 def reach(terms, b: Blocks) -> int:
-  """Rows of 128 offsets each side of 0 that reach every term's last vector before its edge (offset c), or all
-  the sequence's; one more row each side holds edge vectors only (`Sides.rows`)."""
+  """Rows of 128 offsets each side of 0 that reach every term's last vector before its edge (offset c); one
+  more row each side then holds edge vectors only (`Sides.rows`). At most n0 - 1: rows to -n0 and n0 - 1 hold
+  every offset of the padded sequence, none is clamped, and the outer rows are never read."""
   c = max((t.table_RxDh.shape[0] - 1) // 2 for t in terms)
-  return min(c // LANES + 1, b.n0)
+  return min(c // LANES + 1, b.n0 - 1)
 
 
 def distance_rows(terms, side: str, reach_: int, dtype):
