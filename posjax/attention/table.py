@@ -19,7 +19,7 @@ def markdown() -> str:
     # In the fused kernel (model.attention_impl) a term with an offset table or vectors over distances never
     # builds its LxL bias.
     cost = c.cost + ('; fused kernel: O(H L) memory' if c.offsets else
-                     '; TPU fused kernel: O(B H L Dh) memory' if c.distances else '')
+                     '; TPU fused kernel: O(H Dh min(L, clip)) memory' if c.distances else '')
     rows.append(f'| `{name}` | {c.role.replace("_", " ")} | {c.paper} | {c.params} | {cost} | {opts} |')
   return '\n'.join([BEGIN, *rows, END])
 
