@@ -278,9 +278,9 @@ def test_layer_with_kernel_matches_xla(variant):
 @pytest.mark.parametrize('kernel', ['mosaic', 'triton'])
 def test_train_step_with_kernel_matches_xla(kernel, monkeypatch):
   """A whole BERT MLM step (dropout off): the loss and every gradient, the kernel against the XLA path; the
-  CPU runs the kernel a GPU would as well as the TPU's (which also takes the relative_key term)."""
+  CPU runs the kernel a GPU would as well as the TPU's (which also takes relative_key and convk terms)."""
   monkeypatch.setattr(flash, 'kernel_for', lambda platform: kernel)
-  c = micro_config('tiny,tisa+alibi' + ('+relative_key' if kernel == 'mosaic' else ''))
+  c = micro_config('tiny,tisa+alibi' + ('+relative_key+convk' if kernel == 'mosaic' else ''))
   c.data.seq_len, c.batch_size = 24, 4
   rng = np.random.default_rng(0)
   ids = rng.integers(5, 100, size=(4, 24)).astype(np.int32)
