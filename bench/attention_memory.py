@@ -24,7 +24,9 @@ that.
 It also compiles the scoring function of posjax.analysis.extrapolation (MLM loss on one row) at
 `--extrapolate` x 512 tokens on one chip, to show which variants can be scored at 16x a 512 training length.
 
-Results: OUT/results.json and OUT/results.md (the README's table).
+Results: OUT/results.json and OUT/results.md; the default OUT, bench/results/attention_memory, is tracked and
+holds the README's table: a run keeps the rows there and compiles only the missing ones (delete a row to
+measure it again).
 """
 
 from __future__ import annotations
@@ -263,7 +265,8 @@ def main(argv=None):
   ap.add_argument('--impls', default='xla,pallas')
   ap.add_argument('--batch', type=int, default=1, help='rows per chip')
   ap.add_argument('--extrapolate', type=int, default=16, help='score at this multiple of 512 (0: skip)')
-  ap.add_argument('--out', default='bench_attention_memory')
+  ap.add_argument('--out', default=os.path.join(REPO, 'bench', 'results', 'attention_memory'),
+                  help="rows kept here are not compiled again; the default holds the README's table")
   a = ap.parse_args(argv)
   try:
     topo = topology.parse(a.topology)
