@@ -52,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from posjax.aot import hlo, topology  # noqa: E402
+from posjax.aot import compile as aot_compile, hlo, topology  # noqa: E402
 from posjax.data import pretrain  # noqa: E402
 from posjax.analysis import extrapolation  # noqa: E402
 from posjax.errors import ConfigError  # noqa: E402
@@ -134,8 +134,7 @@ def measure(row: Row, lower, chip: topology.Chip) -> Row:
     return dataclasses.replace(row, fits=False, compile_s=time.time() - t0, **{f'{what}_bytes': n},
                                note=f'does not fit: the compiler needs {n / GiB:.1f} GiB for the {what}')
   ma = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  cost = aot_compile.cost_analysis(compiled)
   total = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
            + ma.temp_size_in_bytes)
   flops, accessed, costs_from = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0)), 'compiler'
@@ -159,8 +158,7 @@ def layer_cost(mcfg, data, mesh, batch_sharding) -> tuple[float, float]:
   def loss(p, x, mask):
     y = layer.apply({'params': p}, x, mask, False, rngs={'dropout': jax.random.PRNGKey(0)})
     return jnp.sum(y.astype(jnp.float32))
-  cost = jax.jit(jax.grad(loss, (0, 1))).lower(params, x, mask).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = aot_compile.cost_analysis(jax.jit(jax.grad(loss, (0, 1))).lower(params, x, mask).compile())
   return float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
 
 

@@ -39,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from posjax.aot import compile as aot_compile  # noqa: E402
 from posjax.attention import registry  # noqa: E402
 
 # Every registered component alone, and Chang et al.'s composite attention.
@@ -126,9 +127,7 @@ def _compiled(res: Result, fn, state, batch):
 def _costs(compiled):
   flops = peak = None
   try:
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    flops = float(ca.get('flops', 0.0)) or None
+    flops = aot_compile.cost_analysis(compiled).get('flops', 0.0) or None
   except Exception:  # pylint: disable=broad-except  (backends without cost analysis)
     pass
   try:

@@ -215,7 +215,9 @@ def _ratio(a: float, b: float) -> float:
   return a / b if b else 1.0
 
 
-def _cost(compiled) -> dict[str, float]:
+def cost_analysis(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled program ('flops', 'bytes accessed', ...), one dict whatever the jax
+  version returns; empty where the backend gives none (XLA's GPU compiler deviceless)."""
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   return {k: float(v) for k, v in (ca or {}).items()}
@@ -230,7 +232,7 @@ def report(c: Compiled, chip: Chip | None = None, topology_name: str = '') -> di
   n = mesh.devices.size
   m = report_memory(c.compiled)
   text = c.compiled.as_text() or ''
-  cost, counted = _cost(c.compiled), hlo.costs(text)
+  cost, counted = cost_analysis(c.compiled), hlo.costs(text)
   # XLA's cost analysis (of one device's partitioned program) counts a while loop's body once: scaled by
   # what the loops add to the matmul FLOPs and instruction bytes counted in the HLO text.
   hlo_flops = cost.get('flops', 0.0) * _ratio(counted['matmul_flops'], counted['matmul_flops_once'])
