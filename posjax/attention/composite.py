@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posjax import layers
-from posjax.attention import registry
+from posjax.attention import flash, registry
 from posjax.attention.relative import skew
 from posjax.config import ModelConfig
 
@@ -98,7 +98,6 @@ class ConvDynamic(nn.Module):
     r_RxDh = self.param('kernel', layers.torch_uniform(2 * k + 1, ('kernel', 'kv')), (2 * k + 1, dh),
                         cfg.param_dtype)
     if self.fused:
-      from posjax.attention import flash  # pylint: disable=g-import-not-at-top  (flash imports the registry)
       return flash.Distances(r_RxDh, self.from_keys, 'key' if self.from_keys else 'query', 1.0 / dh ** 0.5)
     x_BxLxHxDh = k_BxLxHxDh if self.from_keys else q_BxLxHxDh
     # Every position meets only the 2k+1 distinct taps; the LxL term is this small product spread over the

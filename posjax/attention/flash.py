@@ -53,7 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from posjax.attention import flash_gpu
+from posjax.attention import flash_gpu, registry
 from posjax.errors import ConfigError
 
 LANES = 128
@@ -705,14 +705,12 @@ def attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, table_HxR, mask_BxL, *, scale:
 
 def distance_terms() -> list[str]:
   """The registered score terms over distance vectors (their modules return `Distances` when fused)."""
-  from posjax.attention import registry  # pylint: disable=g-import-not-at-top  (registry imports config)
   return [n for n in registry.names() if registry.get(n).distances]
 
 
 def unsupported(cfg, *, dropout: bool = True) -> list[str]:
   """Why the kernel cannot compute this model's attention (empty: it can); `dropout`: in a call that applies
   the model's attention dropout (a training step)."""
-  from posjax.attention import registry  # pylint: disable=g-import-not-at-top  (registry imports config)
   plan = registry.parse(cfg.attention)
   out = []
   content = [c.name for c in plan.score if c.offsets is None and not c.distances]
@@ -739,11 +737,6 @@ def target_platform() -> str:
 _LOGGED = set()
 
 
-def registry_plan(cfg):
-  from posjax.attention import registry  # pylint: disable=g-import-not-at-top  (registry imports config)
-  return registry.parse(cfg.attention)
-
-
 def kernel_for(platform: str) -> str:
   """The kernel a platform runs: the Triton form on a GPU, else the Mosaic one (on the CPU in interpret
   mode)."""
@@ -753,7 +746,7 @@ def kernel_for(platform: str) -> str:
 def choose(cfg, *, dropout: bool, record: bool) -> bool:
   """Whether this attention call runs the fused kernel, per `model.attention_impl` (logged once per case).
 
-  'auto': on a TPU or a GPU, when the platform's kernel takes every score term, the head dimension suits the platform's
+  'auto': on a TPU or a GPU, when the platform's kernel takes every score term, the head dimension suits that
   kernel and the call applies no dropout to the probabilities and records none (posjax.analysis asks for
   them); 'pallas': always but for recording calls (config validation has refused the rest); 'xla': never."""
   platform = target_platform()
@@ -761,7 +754,7 @@ def choose(cfg, *, dropout: bool, record: bool) -> bool:
     raise ConfigError(f"model.attention_impl='pallas' has kernels for TPUs and GPUs (and their interpret mode "
                       f"on the CPU) but none for {platform}; use 'auto' or 'xla'")
   why = unsupported(cfg, dropout=dropout)
-  over_distances = [c.name for c in registry_plan(cfg).score if c.distances]
+  over_distances = [c.name for c in registry.parse(cfg.attention).score if c.distances]
   if kernel_for(platform) == 'triton' and over_distances:
     if cfg.attention_impl == 'pallas':
       raise ConfigError(f"model.attention_impl='pallas': the GPU kernel has no terms over distance vectors "

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from posjax import layers
-from posjax.attention import registry
+from posjax.attention import flash, registry
 from posjax.config import ModelConfig
 
 
@@ -97,7 +97,6 @@ class RelativePosition(nn.Module):
     table_RxDh = self.param('distance_embedding', layers.init(cfg.initializer_range, ('pos', 'kv')),
                             (2 * m - 1, dh), cfg.param_dtype)
     if self.fused:
-      from posjax.attention import flash  # pylint: disable=g-import-not-at-top  (flash imports the registry)
       return flash.Distances(table_RxDh, True, 'both' if self.with_key else 'query',
                              1.0 / dh ** 0.5 if scaled else 1.0)
     block = cfg.option('relative_block')
