@@ -277,11 +277,9 @@ def _distance_dk_and_rows(ds_QxK, q, k, relk_ref, drelq_ref, drelk_ref, d, b: Bl
           dk = col_sums * _edge(relk_ref, n)
           _add_first_lane(drelk_ref, n, jnp.sum(col_sums * kc.astype(jnp.float32), axis=0, keepdims=True))
         return dk
+      term = jax.lax.cond(n == n1, edge, full)
       if drelk_ref is not None:
-        term = jax.lax.cond(n == n1, edge, full)
         dk_cols[kb] = term if dk_cols[kb] is None else dk_cols[kb] + term
-      else:
-        jax.lax.cond(n == n1, edge, full)
   if drelk_ref is None:
     return None
   return jnp.concatenate(dk_cols, axis=0) if len(dk_cols) > 1 else dk_cols[0]
