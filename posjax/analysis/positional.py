@@ -28,7 +28,7 @@ from posjax.analysis import invariance
 from posjax.attention import registry
 from posjax.attention import offsets
 from posjax.attention.absolute import sinusoid_table
-from posjax.attention.composite import kernel_radius, offset_taps
+from posjax.attention.composite import kernel_radius
 from posjax.config import ModelConfig
 
 
@@ -112,7 +112,7 @@ def relative_tables(cfg: ModelConfig, params, n: int) -> list[dict[str, Table]]:
   for layer in layer_names(cfg):
     att = nn.unbox(enc[layer]['attention'])
     out.append({name: Table(name, d_R, np.asarray(att[name]['kernel'], np.float64)[
-        offset_taps(d_R, kernel_radius(cfg), name == 'convk')]) for name in names})
+        offsets.clipped_row(d_R, kernel_radius(cfg), negate=name == 'convk')]) for name in names})
   return out
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from posjax import layers
 from posjax.attention import flash, registry
@@ -42,12 +41,6 @@ from posjax.config import ModelConfig
 def kernel_radius(cfg: ModelConfig) -> int:
   """k from the odd window width `composite_kernel_size` = 2k+1."""
   return (cfg.option('composite_kernel_size') - 1) // 2
-
-
-def offset_taps(d, k: int, from_keys: bool = False):
-  """The row of a `convq`/`convk` table read at offset d = j - i (key minus query position): clip(d, -k, k) + k
-  for `convq`, clip(-d, -k, k) + k for `convk`, whose taps the authors index by i - j."""
-  return np.clip(-d if from_keys else d, -k, k) + k
 
 
 def convfixed_offsets(cfg: ModelConfig, params, length: int, heads: int):

@@ -53,7 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from posjax.attention import flash_gpu, registry
+from posjax.attention import flash_gpu, offsets, registry
 from posjax.errors import ConfigError
 
 LANES = 128
@@ -657,7 +657,7 @@ def distance_rows(terms, side: str, reach_: int, dtype):
     if t.side not in (side, 'both'):
       continue
     c = (t.table_RxDh.shape[0] - 1) // 2
-    rows = jnp.asarray(t.table_RxDh, jnp.float32)[np.clip(-d if t.by_query_offset else d, -c, c) + c] * t.scale
+    rows = jnp.asarray(t.table_RxDh, jnp.float32)[offsets.clipped_row(d, c, t.by_query_offset)] * t.scale
     out = rows if out is None else out + rows
   return out.astype(dtype).reshape(2 * reach_ + 2, LANES, -1)
 

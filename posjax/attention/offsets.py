@@ -19,6 +19,13 @@ def distances(length: int) -> np.ndarray:
   return np.arange(-(length - 1), length)
 
 
+def clipped_row(d, c: int, negate: bool = False):
+  """The row of a (2c+1)-row table over offsets read at d = j - i (key minus query): clip(d, -c, c) + c, or
+  clip(-d, -c, c) + c with `negate` for a table indexed by i - j (as `relative_key*` and `convk` index theirs);
+  offsets beyond +-c read the edge rows."""
+  return np.clip(-d if negate else d, -c, c) + c
+
+
 def spread(table_HxR, length: int):
   """bias_1xHxLxL with bias[0, h, i, j] = table[h, j - i + L - 1], by reshapes (`relative.toeplitz`), not
   an LxL gather, whose gradient the TPU compiler lays out poorly."""
